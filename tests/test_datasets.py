@@ -1,0 +1,163 @@
+"""CSS loading on fixtures the tests write themselves, in the real on-disk format."""
+
+import os
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import datasets
+
+OBJ = {"shape": "circle", "color": "red", "size": "large", "pos": (0.5, 0.5)}
+
+
+def write_py2_npy(path, payload, protocol=2):
+    """A .npy holding a pickled 0-d object array, as Python 2's np.save wrote CSS."""
+    array = np.empty((), dtype=object)
+    array[()] = payload
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|O", "fortran_order": False, "shape": ()}
+        )
+        pickle.dump(array, f, protocol=protocol)
+
+
+def css_split(n_images=5):
+    objects = [[dict(OBJ, pos=(0.2 + 0.1 * i, 0.5))] for i in range(n_images)]
+    mods = [
+        {"from": [0, 1], "to": [2, 3], "to_str": "make circle small"},
+        {"from": [0], "to": [4], "to_str": "add blue square to top-left"},
+        {"from": [2], "to": [np.int64(3)], "to_str": "remove red object"},  # numpy scalar id
+    ]
+    return {"objects_img": objects, "mods": mods, "labels": [0, 1, 2, 3, 2][:n_images]}
+
+
+@pytest.fixture
+def css_dir(tmp_path):
+    write_py2_npy(tmp_path / datasets.CSS_NPY, {"train": css_split(), "test": css_split()})
+    return tmp_path
+
+
+def test_loads_real_format_with_expected_queries(css_dir):
+    ds = datasets.CSSDataset(str(css_dir), "train")
+    assert len(ds.imgs) == 5 and len(ds) == 5
+    assert not ds.synthetic
+    queries = ds.get_test_queries()
+    assert len(queries) == 4  # every (from, to) pair of every mod
+    assert [(q["source_img_id"], q["mod"]["str"]) for q in queries] == [
+        (0, "make circle small"),
+        (1, "make circle small"),
+        (0, "add blue square to top-left"),
+        (2, "remove red object"),
+    ]
+    assert queries[0]["target_caption"] == "2"  # str(label)
+    assert ds.gallery_labels() == ["0", "1", "2", "3", "2"]  # duplicate scenes share a label
+    assert ds.get_all_texts() == [
+        "make circle small",
+        "add blue square to top-left",
+        "remove red object",
+    ]
+
+
+def test_training_queries_are_deterministic_and_paired(css_dir):
+    ds = datasets.CSSDataset(str(css_dir), "train", transform=datasets.to_uint8_tensor)
+    first = [ds.sample_query(i) for i in range(200)]
+    assert first == [ds.sample_query(i) for i in range(200)]
+    assert first != [ds.sample_query(i, seed=1) for i in range(200)]
+    pairs = {
+        (0, 2, "make circle small"),
+        (1, 3, "make circle small"),
+        (0, 4, "add blue square to top-left"),
+        (2, 3, "remove red object"),
+    }
+    for i in range(0, 200, 2):
+        a, b = first[i], first[i + 1]
+        assert (a["source_img_id"], a["target_img_id"], a["mod"]["str"]) in pairs
+        assert (b["source_img_id"], b["target_img_id"], b["mod"]["str"]) in pairs
+        assert a["source_img_id"] == b["source_img_id"]  # the second query shares the source
+        if a["source_img_id"] == 0:  # image 0 has two mods: the pair uses both
+            assert a["mod"]["str"] != b["mod"]["str"]
+    item = ds[7]  # image 1 has one mod only: no infinite loop, the mod repeats
+    assert item["source_img_data"].shape == (3, 64, 64)
+    assert item["source_img_data"].dtype == torch.uint8
+    batch = datasets.collate_queries([ds[0], ds[1]])
+    assert batch["source_img_data"].shape == (2, 3, 64, 64) and len(batch["mod"]) == 2
+
+
+def test_2d_render_and_png_images(css_dir):
+    ds = datasets.CSSDataset(str(css_dir), "test")
+    img = np.asarray(ds.get_img(0))
+    assert img.shape == (64, 64, 3)
+    y, x = int(0.2 * 64), 32
+    assert tuple(img[y, x]) == (244, 35, 35) and tuple(img[63, 0]) == (255, 255, 255)
+    os.makedirs(css_dir / "images")
+    for i in range(5):
+        PIL.Image.new("RGB", (32, 32), (i, 0, 0)).save(css_dir / "images" / f"css_test_{i:06d}.png")
+    ds = datasets.CSSDataset(str(css_dir), "test")
+    assert np.asarray(ds.get_img(3))[0, 0, 0] == 3
+    os.remove(css_dir / "images" / "css_test_000004.png")
+    with pytest.raises(FileNotFoundError, match="css_test_000004.png"):
+        ds.get_img(4)
+
+
+def test_missing_file_names_the_expected_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=datasets.CSS_NPY):
+        datasets.CSSDataset(str(tmp_path), "train")
+
+
+class Payload:
+    """Unpickling this would create a folder: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickle_with_code_is_refused_and_not_run(tmp_path):
+    marker = str(tmp_path / "pwned")
+    split = css_split()
+    split["mods"][0]["to_str"] = Payload(marker)
+    write_py2_npy(tmp_path / datasets.CSS_NPY, {"train": split, "test": css_split()})
+    with pytest.raises(datasets.DatasetFormatError, match="posix.mkdir|os.mkdir|refusing"):
+        datasets.CSSDataset(str(tmp_path), "train")
+    assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: d["train"]["mods"][1].update({"to": [4, 1]}), "parallel"),
+        (lambda d: d["train"]["mods"][1].update({"to": [9]}), "outside"),
+        (lambda d: d["train"]["mods"][1].update({"to_str": "  "}), "non-empty"),
+        (lambda d: d["train"].update({"labels": [0, 1]}), "labels"),
+        (lambda d: d.pop("train"), "'train' split"),
+    ],
+)
+def test_malformed_content_is_a_clear_error(tmp_path, break_it, message):
+    data = {"train": css_split(), "test": css_split()}
+    break_it(data)
+    write_py2_npy(tmp_path / datasets.CSS_NPY, data)
+    with pytest.raises(datasets.DatasetFormatError, match=message):
+        datasets.CSSDataset(str(tmp_path), "train")
+
+
+def test_garbage_and_truncated_files(tmp_path):
+    path = tmp_path / datasets.CSS_NPY
+    path.write_bytes(b"not a numpy file at all")
+    with pytest.raises(datasets.DatasetFormatError, match="not a .npy"):
+        datasets.CSSDataset(str(tmp_path), "train")
+    write_py2_npy(path, {"train": css_split(), "test": css_split()})
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(datasets.DatasetFormatError, match="unreadable"):
+        datasets.CSSDataset(str(tmp_path), "train")
+
+
+def test_loads_files_written_by_numpy_save(tmp_path):
+    np.save(
+        tmp_path / datasets.CSS_NPY, {"train": css_split(), "test": css_split()}, allow_pickle=True
+    )
+    assert len(datasets.CSSDataset(str(tmp_path), "test").get_test_queries()) == 4
