@@ -1,15 +1,527 @@
 """Gradient Augmentation (Huang et al., IEEE TMM 2022) and the baselines of the paper's tables.
 
-L_all = L_CE + eta * L_S + L_GA^A + L_GA^I
+    L_all = L + L_GA^A + L_GA^I,    L = L_CE (or soft triplet) + model extra losses + eta * L_S
+
+- ``similarity_matching_loss``: L_S.
+- ``adversarial_gradient_augmentation``: L_GA^A from dL/dx, x the normalized query images (or
+  the query image features, the cheap variant); dL/dx must come from
+  ``torch.autograd.grad(..., create_graph=True)`` so that the term can be differentiated.
+- Isotropic GA, L_GA^I = gamma * sum_p s_p <r_p, theta_p> with r redrawn every step. Its gradient
+  w.r.t. theta_p is gamma * s_p * r_p, independent of theta, so training adds it to the gradients
+  after backward (``add_isotropic_gradient_noise``) instead of building a graph over every
+  parameter; ``isotropic_gradient_augmentation_loss`` is the loss form, kept as the reference
+  the tests compare against.
+- ``fast_double_backward``: a context for the forward pass under which convolutions and batch
+  norms record fast second derivatives, which L_GA^A on pixels needs (same values and first
+  derivatives as the built-in ops).
+- Baselines of the paper's comparison tables: ``fgsm_example`` (FGSM adversarial training on the
+  query image) and the ``l1_regularization`` / ``l2_regularization`` weight penalties.
+
+Every function takes tensors and returns tensors; none knows about models or datasets.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import math
+
+import numpy as np
 import torch
+import torch.nn.functional as F
+
+ADVERSARIAL_Q = (1.0, 2.0, math.inf)
+ISOTROPIC_NOISE = ("gaussian", "uniform", "sphere")
+ISOTROPIC_SCALE = ("mean", "sum")
+# Mixed into the isotropic noise seed so that it never coincides with another torch stream
+# seeded from the same --seed.
+_ISOTROPIC_STREAM = 0x15_07_0C
 
 
 def similarity_matching_loss(
     query_features: torch.Tensor, target_features: torch.Tensor
 ) -> torch.Tensor:
-    """L_S = mean_i ||f_comp_i - f_target_i||^2. (B, D), (B, D) -> scalar."""
-    return (query_features - target_features).pow(2).sum(dim=1).mean()
+    """L_S: the mean over the B x D entries of (f_comp - f_target)^2.
+
+    This is the public GA code's reduction (``((mod_img1 - img2) ** 2).mean()``), so its weight
+    eta = 0.001 keeps its meaning; it equals (1/D) * mean_i ||f_comp_i - f_target_i||^2.
+    query_features, target_features: (B, D) -> scalar.
+    """
+    return (query_features - target_features).pow(2).mean()
+
+
+def adversarial_gradient_augmentation(
+    input_grad: torch.Tensor, eps: float, q: float = 1.0
+) -> torch.Tensor:
+    """L_GA^A = (eps / 2) * mean_i ||B * dL/dx_i||_q * d^(1 - 1/q).
+
+    input_grad: (B, ...) = dL/dx for the B query images (or features) x_i of d elements each;
+    B * dL/dx_i is sample i's own gradient when L is a batch mean. q is the dual norm of the
+    threat model: q = 1 is l_inf (the public code), 2 is l_2, inf is l_1 (d^(1-1/q) = d).
+    To first order, 2 * L_GA^A is the largest increase of L over perturbations with
+    ||delta_i||_p <= eps * d^(1/p) (1/p + 1/q = 1), so with q = 1 it is half the FGSM step's
+    increase of L. Returns a scalar; a bf16/fp16 gradient (autocast) is normed in float32.
+    """
+    if q not in ADVERSARIAL_Q:
+        raise ValueError(f"q must be one of {ADVERSARIAL_Q}, got {q}")
+    batch = input_grad.shape[0]
+    per_sample = input_grad.reshape(batch, -1)
+    if per_sample.dtype in (torch.float16, torch.bfloat16):
+        per_sample = per_sample.float()
+    d = per_sample.shape[1]
+    norms = torch.linalg.vector_norm(batch * per_sample, ord=q, dim=1)
+    return (0.5 * eps * d ** (1.0 - 1.0 / q)) * norms.mean()
+
+
+# --------------------------------------------------------------------------- fast double backward
+#
+# L_GA^A on pixels differentiates dL/dx, so the image encoder is differentiated twice. PyTorch's
+# built-in second derivatives of convolution and batch norm are slow on CPU: the convolution's
+# weight term runs as a convolution of batch-transposed tensors (copies, and kernels as large as
+# the feature map), and batch norm's is a composite of some thirty passes. Inside
+# ``fast_double_backward()`` conv2d and training-mode batch_norm run as the autograd Functions
+# below: the same forward and first-derivative kernels, and second derivatives through the fast
+# kernels (convolution_backward for the weight term, 14 passes for batch norm).
+
+
+def _engine_will_compute(node) -> bool:
+    """Whether the running backward pass needs this gradient edge (False in the input-only pass
+    that builds dL/dx; True when called outside the engine)."""
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # not inside a backward pass
+        return True
+
+
+def _gradient_node(tensor: torch.Tensor | None):
+    if tensor is None or not tensor.requires_grad:
+        return None
+    return torch.autograd.graph.get_gradient_edge(tensor).node
+
+
+class _Conv2dInputGrad(torch.autograd.Function):
+    """dL/dx of conv2d as a differentiable function of (dL/dy, weight)."""
+
+    @staticmethod
+    def forward(ctx, grad_output, x, weight, conf):
+        stride, padding, dilation, groups = conf
+        ctx.save_for_backward(grad_output, x, weight)
+        ctx.conf = conf
+        return torch.ops.aten.convolution_backward(
+            grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [True, False, False],
+        )[0]  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, grad_grad_input):
+        grad_output, x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        d_grad_output = d_weight = None
+        if ctx.needs_input_grad[0]:
+            d_grad_output = F.conv2d(
+                grad_grad_input, weight, None, stride, padding, dilation, groups
+            )
+        if ctx.needs_input_grad[2]:
+            # <ggI, convT(gO, W)> is linear in W: its gradient is conv2d's weight gradient with
+            # ggI as the input and gO as the output gradient.
+            d_weight = torch.ops.aten.convolution_backward(
+                grad_output, grad_grad_input, weight, None, stride, padding, dilation, False,
+                [0, 0], groups, [False, True, False],
+            )[1]  # fmt: skip
+        return d_grad_output, None, d_weight, None
+
+
+class _Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, conf):
+        stride, padding, dilation, groups = conf
+        ctx.save_for_backward(x, weight)
+        ctx.conf = conf
+        ctx.has_bias = bias is not None
+        ctx.weight_node, ctx.bias_node = _gradient_node(weight), _gradient_node(bias)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        grad_x = None
+        want_x = ctx.needs_input_grad[0]
+        if want_x and torch.is_grad_enabled():  # create_graph: dL/dx must be differentiable
+            grad_x = _Conv2dInputGrad.apply(grad_output, x, weight, ctx.conf)
+            want_x = False
+        mask = [
+            want_x,
+            ctx.needs_input_grad[1] and _engine_will_compute(ctx.weight_node),
+            ctx.needs_input_grad[2] and _engine_will_compute(ctx.bias_node),
+        ]
+        grad_weight = grad_bias = None
+        if any(mask):
+            bias_sizes = [weight.shape[0]] if ctx.has_bias else None
+            gx, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad_output, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0],
+                groups, mask,
+            )  # fmt: skip
+            grad_x = gx if mask[0] else grad_x
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _channel(t: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, 1, 1)
+
+
+class _BatchNormInputGrad(torch.autograd.Function):
+    """dL/dx of training-mode batch norm as a differentiable function of (dL/dy, x, gamma).
+
+    With x_hat = (x - mu) s, s = 1/sqrt(var + eps), M = N*H*W, per-channel means m1 = <gy>,
+    m2 = <gy x_hat>: dL/dx = gamma s (gy - m1 - x_hat m2). For an upstream gradient a:
+    d gy = gamma s (a - <a> - x_hat <a x_hat>),
+    d x = gamma s^2 (x_hat (3 m2 <a x_hat> + m1 <a> - <a gy>) - <a x_hat>(gy - m1) - m2 (a - <a>)),
+    d gamma = M s (<a gy> - m1 <a> - m2 <a x_hat>).
+    """
+
+    @staticmethod
+    def forward(ctx, grad_output, x, weight, mean, invstd, eps):
+        grad_x, sum_gy_xhat, sum_gy = torch.ops.aten.native_batch_norm_backward(
+            grad_output, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+        ctx.save_for_backward(grad_output, x, weight, mean, invstd, sum_gy_xhat, sum_gy)
+        return grad_x
+
+    @staticmethod
+    def backward(ctx, a):
+        grad_output, x, weight, mean, invstd, sum_gy_xhat, sum_gy = ctx.saved_tensors
+        count = x.numel() // x.shape[1]
+        dims = (0, 2, 3)
+        s, gamma = invstd, weight
+        m1, m2 = sum_gy / count, sum_gy_xhat / count
+        x_hat = (x - _channel(mean)) * _channel(s)
+        a_mean = a.mean(dims)
+        a_xhat = (a * x_hat).mean(dims)
+        a_gy = (a * grad_output).mean(dims)
+        d_grad_output = d_x = d_gamma = None
+        if ctx.needs_input_grad[0]:
+            gs = gamma * s
+            d_grad_output = torch.addcmul(_channel(-gs * a_mean), a, _channel(gs))
+            d_grad_output.addcmul_(x_hat, _channel(-gs * a_xhat))
+        if ctx.needs_input_grad[1]:
+            gs2 = gamma * s * s
+            k_xhat = gs2 * (3 * m2 * a_xhat + m1 * a_mean - a_gy)
+            constant = gs2 * (a_xhat * m1 + m2 * a_mean)
+            d_x = torch.addcmul(_channel(constant), x_hat, _channel(k_xhat))
+            d_x.addcmul_(grad_output, _channel(-gs2 * a_xhat))
+            d_x.addcmul_(a, _channel(-gs2 * m2))
+        if ctx.needs_input_grad[2]:
+            d_gamma = count * s * (a_gy - m1 * a_mean - m2 * a_xhat)
+        return d_grad_output, d_x, d_gamma, None, None, None
+
+
+class _BatchNorm2d(torch.autograd.Function):
+    """Training-mode batch norm over (N, C, H, W) with an affine weight and bias."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.weight_node, ctx.bias_node = _gradient_node(weight), _gradient_node(bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_x = None
+        want_x = ctx.needs_input_grad[0]
+        if want_x and torch.is_grad_enabled():
+            grad_x = _BatchNormInputGrad.apply(grad_output, x, weight, mean, invstd, ctx.eps)
+            want_x = False
+        mask = [
+            want_x,
+            ctx.needs_input_grad[1] and _engine_will_compute(ctx.weight_node),
+            ctx.needs_input_grad[2] and _engine_will_compute(ctx.bias_node),
+        ]
+        grad_weight = grad_bias = None
+        if any(mask):
+            gx, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_output, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+            )
+            grad_x = gx if mask[0] else grad_x
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def _conv2d_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return input, weight, bias, stride, padding, dilation, groups
+
+
+def _batch_norm_args(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+    eps=1e-5,
+):  # fmt: skip
+    return input, running_mean, running_var, weight, bias, training, momentum, eps
+
+
+def _pair(value) -> list[int] | None:
+    if isinstance(value, int):
+        return [value, value]
+    if (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, int) for v in value)
+    ):
+        return list(value)
+    return None
+
+
+class fast_double_backward(torch.overrides.TorchFunctionMode):
+    """Within this context, conv2d and training-mode batch norm (4-D input, affine) record the
+    autograd Functions above, whose second derivatives are fast. Values and first derivatives
+    are those of the built-in ops (the same kernels). Anything else, and everything under
+    autocast, runs unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.conv2d or func is F.batch_norm) and torch.is_grad_enabled():
+            if func is torch.conv2d:
+                x, weight, bias, stride, padding, dilation, groups = _conv2d_args(*args, **kwargs)
+                conf = (_pair(stride), _pair(padding), _pair(dilation), groups)
+                if _plain_4d(x, weight, bias) and None not in conf[:3]:
+                    return _Conv2d.apply(x, weight, bias, conf)
+            else:
+                x, mean, var, weight, bias, training, momentum, eps = _batch_norm_args(
+                    *args, **kwargs
+                )
+                if training and _plain_4d(x, weight, bias) and bias is not None:
+                    momentum = 0.0 if momentum is None else momentum
+                    return _BatchNorm2d.apply(x, weight, bias, mean, var, momentum, eps)
+        return func(*args, **kwargs)
+
+
+def _plain_4d(x, weight, bias) -> bool:
+    """A 4-D input with a weight of its dtype, outside autocast: what the Functions handle."""
+    return (
+        isinstance(x, torch.Tensor)
+        and x.dim() == 4
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+# --------------------------------------------------------------------------- isotropic GA
+
+
+def isotropic_generators(
+    seed: int, iteration: int, count: int, device: torch.device | str
+) -> list[torch.Generator]:
+    """``count`` generators for step ``iteration``'s noise, one per parameter tensor.
+
+    They are a pure function of (seed, iteration): every DDP rank draws the same r (so the
+    parameters stay in sync after the noise is added to the averaged gradients), and a resumed
+    run draws what the uninterrupted run drew. One generator per tensor lets the CPU draw the
+    tensors in parallel and still get the same numbers with any number of threads.
+    """
+    states = np.random.SeedSequence([seed, iteration, _ISOTROPIC_STREAM]).generate_state(
+        count, np.uint64
+    )
+    generators = []
+    for state in states:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(state) >> 1)  # 63 bits: manual_seed takes any int64
+        generators.append(generator)
+    return generators
+
+
+def _noise_std(param: torch.Tensor, gamma: float, scale: str) -> float:
+    if scale not in ISOTROPIC_SCALE:
+        raise ValueError(f"scale must be one of {ISOTROPIC_SCALE}, got {scale!r}")
+    return gamma / param.numel() if scale == "mean" else gamma
+
+
+# On CPU the noise is drawn, added and dotted in chunks that stay in cache. With a thread pool
+# the chunks are kept below ATen's parallel grain size (32768 elements), so that every op on a
+# chunk runs serially and the pool threads never start OpenMP teams of their own (which would
+# oversubscribe the cores). On other devices a tensor is one chunk. The samplers give the same
+# numbers for any chunking into multiples of 16 (the CPU normal sampler's block).
+_CPU_CHUNK = 32_000
+_CPU_CHUNK_ONE_THREAD = 1 << 18
+
+
+def _chunk_size(device: torch.device, numel: int) -> int:
+    if device.type != "cpu":
+        return max(numel, 1)
+    return _CPU_CHUNK if torch.get_num_threads() > 1 else _CPU_CHUNK_ONE_THREAD
+
+
+def _run_per_tensor(function, params: list[torch.Tensor]) -> list:
+    """function(k) for every tensor k, largest first, on a CPU thread pool when torch has more
+    than one thread (results are the same either way); returns the results in tensor order."""
+    order = sorted(range(len(params)), key=lambda k: -params[k].numel())
+    workers = torch.get_num_threads()
+    results: list = [None] * len(params)
+    if params and params[0].device.type == "cpu" and workers > 1 and len(params) > 1:
+        # torch's CPU samplers are serial and release the GIL, so threads run them in
+        # parallel. The pool lives for one call: no idle threads are left for a later fork
+        # (DataLoader workers) to copy.
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for k, result in zip(order, pool.map(function, order)):
+                results[k] = result
+    else:
+        for k in order:
+            results[k] = function(k)
+    return results
+
+
+def _fill(chunk: torch.Tensor, kind: str, coefficient: float, generator: torch.Generator) -> None:
+    """Draw one chunk of coefficient * r ('sphere': of the Gaussian it is normalized from)."""
+    if kind == "uniform":
+        bound = math.sqrt(3.0) * coefficient
+        chunk.uniform_(-bound, bound, generator=generator)
+    else:
+        chunk.normal_(0.0, coefficient if kind == "gaussian" else 1.0, generator=generator)
+
+
+def _draw_flat(
+    flat: torch.Tensor, kind: str, coefficient: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Fill the contiguous 1-D ``flat`` with coefficient * r, chunk by chunk."""
+    step = _chunk_size(flat.device, flat.numel())
+    for start in range(0, flat.numel(), step):
+        _fill(flat[start : start + step], kind, coefficient, generator)
+    if kind == "sphere":
+        flat.mul_(coefficient * math.sqrt(flat.numel()) / _norm(flat))
+    return flat
+
+
+def _norm(flat: torch.Tensor) -> float:
+    # A fixed chunking, so that the norm (and the sphere's r) does not depend on the threads.
+    step = _CPU_CHUNK if flat.device.type == "cpu" else max(flat.numel(), 1)
+    chunks = [flat[start : start + step] for start in range(0, flat.numel(), step)]
+    # ATen's serial sum, not BLAS, whose summation order depends on its thread count.
+    return math.sqrt(sum(c.square().sum().item() for c in chunks))
+
+
+def _check_noise(kind: str) -> None:
+    if kind not in ISOTROPIC_NOISE:
+        raise ValueError(f"noise must be one of {ISOTROPIC_NOISE}, got {kind!r}")
+
+
+def draw_isotropic_noise(
+    params: list[torch.Tensor],
+    kind: str,
+    seed: int,
+    iteration: int,
+    coefficients: list[float] | None = None,
+) -> list[torch.Tensor]:
+    """Step ``iteration``'s draw of r_p for each parameter tensor, each shaped like it.
+
+    kind: 'gaussian' r ~ N(0, I); 'uniform' r ~ U(-sqrt 3, sqrt 3) per entry (unit variance, as
+    the Gaussian); 'sphere' r_p uniform on the sphere of radius sqrt(numel(p)) (the Gaussian's
+    expected norm), per tensor. ``coefficients[k]`` (default 1) multiplies r_k. These are the
+    numbers ``add_isotropic_gradient_noise`` adds for the same (seed, iteration).
+    """
+    _check_noise(kind)
+    coefficients = [1.0] * len(params) if coefficients is None else coefficients
+    generators = isotropic_generators(seed, iteration, len(params), _device(params))
+
+    def draw(k: int) -> torch.Tensor:
+        flat = torch.empty(params[k].numel(), dtype=params[k].dtype, device=params[k].device)
+        return _draw_flat(flat, kind, coefficients[k], generators[k]).view(params[k].shape)
+
+    return _run_per_tensor(draw, params)
+
+
+def _device(params: list[torch.Tensor]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
+
+
+def add_isotropic_gradient_noise(
+    params: list[torch.Tensor], gamma: float, kind: str, scale: str, seed: int, iteration: int
+) -> torch.Tensor:
+    """Apply L_GA^I as gradient noise: p.grad += gamma * s_p * r_p, r drawn for ``iteration``.
+
+    s_p = 1/numel(p) for scale 'mean' (the public code's per-tensor mean), 1 for 'sum' (the
+    paper's plain inner product). Call after backward (after DDP's gradient averaging and after
+    a GradScaler's ``unscale_``) and before ``optimizer.step()``: the step is then the step on
+    L + L_GA^I, weight decay and momentum included. A parameter without a gradient gets the noise
+    alone, as the loss form would give it. Returns the loss-form value
+    gamma * sum_p s_p <r_p, theta_p> at the current parameters, for logging: a 0-dim tensor.
+
+    On CPU each tensor's noise is drawn, added and dotted chunk by chunk in cache (one pass over
+    the gradient and the parameter, no noise tensor), the tensors spread over a thread pool.
+    """
+    _check_noise(kind)
+    std = [_noise_std(p, gamma, scale) for p in params]
+    device = _device(params)
+    generators = isotropic_generators(seed, iteration, len(params), device)
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+        def add(k: int) -> torch.Tensor:
+            param, grad = params[k].detach(), params[k].grad
+            fused = kind != "sphere" and device.type == "cpu"
+            if not (fused and param.is_contiguous() and grad.is_contiguous()):
+                flat = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+                r = _draw_flat(flat, kind, std[k], generators[k])
+                grad.add_(r.view(param.shape))
+                return torch.dot(r, param.reshape(-1))
+            flat_param, flat_grad = param.view(-1), grad.view(-1)
+            step = _chunk_size(device, flat_param.numel())
+            scratch = torch.empty(min(flat_param.numel(), step), dtype=param.dtype)
+            value = 0.0
+            for start in range(0, flat_param.numel(), step):
+                stop = min(start + step, flat_param.numel())
+                chunk = scratch[: stop - start]
+                _fill(chunk, kind, std[k], generators[k])
+                value += torch.dot(chunk, flat_param[start:stop]).item()
+                flat_grad[start:stop].add_(chunk)
+            return torch.tensor(value, dtype=torch.float64)
+
+        values = _run_per_tensor(add, params)
+    if not values:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).sum()
+
+
+def isotropic_gradient_augmentation_loss(
+    params: list[torch.Tensor], noise: list[torch.Tensor], gamma: float, scale: str = "mean"
+) -> torch.Tensor:
+    """The loss form L_GA^I = gamma * sum_p s_p <r_p, theta_p> (s_p as in the noise form).
+
+    params, noise: matching lists of tensors -> scalar, differentiable w.r.t. params. Training
+    uses ``add_isotropic_gradient_noise``, which gives the same update without this graph.
+    """
+    return sum(
+        _noise_std(p, gamma, scale) * (r * p).sum() for p, r in zip(params, noise, strict=True)
+    )
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def fgsm_example(images: torch.Tensor, input_grad: torch.Tensor, eps: float) -> torch.Tensor:
+    """The FGSM query image x + eps * sign(dL/dx), detached (Goodfellow et al., 2015).
+
+    images, input_grad: (B, 3, H, W) normalized images and dL/dx -> (B, 3, H, W). eps is in
+    normalized-image units (one 8-bit grey level is about 0.017). The FGSM objective is
+    0.5 * (L(x) + L(x_adv)).
+    """
+    return (images.detach() + eps * input_grad.detach().sign()).detach()
+
+
+def l1_regularization(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum_p ||theta_p||_1 over the given parameter tensors -> scalar."""
+    return torch.stack([torch.linalg.vector_norm(p, 1) for p in params]).sum()
+
+
+def l2_regularization(params: list[torch.Tensor]) -> torch.Tensor:
+    """sum_p ||theta_p||_2^2 over the given parameter tensors -> scalar.
+
+    With weight w it adds 2 * w * theta to the gradient: SGD's ``weight_decay`` = 2 * w.
+    """
+    return torch.stack([p.pow(2).sum() for p in params]).sum()
