@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -153,6 +154,16 @@ class BaseDataset(torch.utils.data.Dataset):
 
     def get_test_queries(self) -> list[dict]:
         return self.test_queries
+
+    # Whether a test query's own source image is removed from its ranking (TIRG's protocol).
+    exclude_source_in_test = True
+
+    def evaluation_groups(self) -> list[dict]:
+        """The test protocol as ``[{name, queries, gallery_ids}]``: each group's queries are
+        ranked against its own gallery and its recalls reported under its name (several groups:
+        their mean is the dataset's score). By default one group: every test query against
+        every image of the split."""
+        return [{"name": "all", "queries": self.test_queries, "gallery_ids": range(len(self.imgs))}]
 
     def get_all_texts(self) -> list[str]:
         raise NotImplementedError
@@ -309,7 +320,788 @@ class CSSDataset(BaseDataset):
         return PIL.Image.fromarray(render_2d(self.imgs[idx]["objects"]))
 
 
-DATASETS = {"css3d": CSSDataset}
+# --------------------------------------------------------------------------- real photographs
+
+IMAGE_SIZE = 224
+# Refuse images above PIL's own warning threshold (about 9459 x 9459) before decoding them: the
+# datasets' photographs are far smaller, so anything larger is a broken or hostile file.
+MAX_IMAGE_PIXELS = 89_478_485
+BAD_IMAGE_POLICIES = ("skip", "fail")
+MAX_QUERY_ATTEMPTS = 100
+_PLACEHOLDER_RGB = (124, 116, 104)  # the ImageNet mean: normalizes to about zero
+
+
+class BadImageError(DatasetFormatError):
+    """An image that cannot be used: missing, undecodable, truncated, or too large to decode."""
+
+
+class BadImageWarning(UserWarning):
+    """An unusable image was skipped (``on_bad_image='skip'``)."""
+
+
+def load_rgb_image(
+    path: str, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None
+) -> PIL.Image.Image:
+    """Decode ``path`` fully into an RGB image, or raise ``BadImageError`` naming the file.
+
+    The size in the header is checked before any pixel is decoded (an image bomb is refused), and
+    a truncated file is an error rather than a half-grey image. With ``draft_size`` a JPEG is
+    decoded at the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still >= draft_size
+    (DCT-domain downscaling: several times faster for photographs larger than needed).
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and above twice the limit, raises) on huge images; both are refusals.
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImageError(
+                        f"{path}: refusing a {width}x{height} image ({width * height} pixels, "
+                        f"limit {max_pixels}) before decoding it: a decompression bomb or a "
+                        f"broken header"
+                    )
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))
+                return img.convert("RGB")  # decodes every pixel, so truncation shows here
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: image file missing") from None
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path}: refusing a decompression bomb ({e})") from None
+    except Exception as e:  # PIL signals broken files with OSError, SyntaxError, ValueError, ...
+        raise BadImageError(
+            f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is truncated, "
+            f"corrupt or not an image"
+        ) from None
+
+
+class ResizeCenterCrop:
+    """PIL image -> (3, size, size) uint8 tensor: torchvision's ``Resize(size)`` then
+    ``CenterCrop(size)`` (bilinear, antialiased), done as one PIL resize of the crop's box.
+
+    The result matches the two-step torchvision pipeline within one grey level and takes about
+    half the time. ``draft_size`` tells the dataset it may decode JPEGs at a reduced scale.
+    ImageNet normalization happens per batch on the device (``torch_function.normalize_images``).
+    A class rather than a lambda, so DataLoader workers can unpickle it.
+    """
+
+    def __init__(self, size: int = IMAGE_SIZE):
+        if size < 1:
+            raise ValueError(f"image size must be positive, got {size}")
+        self.size = int(size)
+        self.draft_size = self.size
+
+    def __call__(self, img: PIL.Image.Image) -> torch.Tensor:
+        size = self.size
+        width, height = img.size
+        # torchvision's Resize(int): the shorter side becomes size, the longer is truncated.
+        if width <= height:
+            new_width, new_height = size, int(size * height / width)
+        else:
+            new_width, new_height = int(size * width / height), size
+        left = int(round((new_width - size) / 2.0))  # torchvision's CenterCrop offsets
+        top = int(round((new_height - size) / 2.0))
+        scale_x, scale_y = width / new_width, height / new_height
+        box = (
+            left * scale_x,
+            top * scale_y,
+            (left + size) * scale_x,
+            (top + size) * scale_y,
+        )
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        return to_uint8_tensor(img.resize((size, size), PIL.Image.BILINEAR, box=box))
+
+    def __repr__(self) -> str:
+        return f"ResizeCenterCrop(size={self.size})"
+
+
+def _check_relative_path(rel: str, where: str) -> str:
+    """A path from a label file must stay inside the dataset root: relative and without '..'."""
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or "\0" in rel or os.path.isabs(rel) or rel.startswith("~") or ".." in parts:
+        raise DatasetFormatError(
+            f"{where}: refusing the image path {rel!r}: paths in label files must be relative "
+            f"to the dataset root and must not leave it (no absolute paths, no '..')"
+        )
+    return rel
+
+
+def _check_image_id(image_id, where: str) -> str:
+    """A FashionIQ image id names a file in images/: a plain, non-empty name."""
+    if (
+        not isinstance(image_id, str)
+        or not image_id
+        or image_id in (".", "..")
+        or any(c in image_id for c in "/\\\0")
+    ):
+        raise DatasetFormatError(
+            f"{where}: refusing the image id {image_id!r}: ids must be plain file names "
+            f"(no path separators, not '.' or '..')"
+        )
+    return image_id
+
+
+def _read_json(path: str, layout: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found. Expected layout:\n{layout}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise DatasetFormatError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def _first_word(label: str) -> str:
+    return label.split(" ", 1)[0]
+
+
+def _last_word(label: str) -> str:
+    return label.rsplit(" ", 1)[-1]
+
+
+class ImageFileDataset(BaseDataset):
+    """Shared by the datasets of photographs on disk.
+
+    - Images are decoded by ``load_rgb_image`` (bombs refused, truncation detected) and, when the
+      transform has a ``draft_size``, JPEGs are decoded at a reduced scale.
+    - ``on_bad_image='skip'``: an unusable image is skipped with a ``BadImageWarning`` and
+      flagged. A training query touching it is replaced by another query drawn deterministically
+      from (seed, index, attempt), so runs stay reproducible; at evaluation (``get_img``) it is
+      replaced by a mean-grey image so the gallery keeps its size. ``'fail'`` raises
+      ``BadImageError`` naming the file.
+    - The flags live in a shared-memory tensor, so images found bad in DataLoader workers are
+      counted in the main process: ``bad_image_count()`` and ``bad_image_paths()``.
+    - ``use_complete_text_query``: the text of every query is the complete target description
+      (``complete_text``) instead of the modification text.
+
+    Subclasses set ``LAYOUT`` and implement ``_build()`` (fill ``imgs`` and ``test_queries``) and
+    ``image_path(idx)``.
+    """
+
+    LAYOUT = ""
+    SPLITS = ("train", "test")
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        transform=None,
+        *,
+        on_bad_image: str = "skip",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        use_complete_text_query: bool = False,
+    ):
+        super().__init__(path, split, transform)
+        if split not in self.SPLITS:
+            raise ValueError(
+                f"{type(self).__name__}: split must be one of {self.SPLITS}, got {split!r}"
+            )
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+            )
+        self.on_bad_image = on_bad_image
+        self.max_image_pixels = max_image_pixels
+        self.use_complete_text_query = use_complete_text_query
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"{type(self).__name__} data not found: {path} is not a folder. "
+                f"Expected layout:\n{self.LAYOUT}"
+            )
+        self._build()
+        if use_complete_text_query:
+            for query in self.test_queries:
+                query["mod"] = {**query["mod"], "str": self.complete_text(query)}
+        # One flag per image, in shared memory: DataLoader workers (forked or spawned) mark the
+        # images they found unusable where the main process can count them. Writes are
+        # idempotent (0 -> 1), so workers need no lock.
+        self._bad = torch.zeros(len(self.imgs), dtype=torch.uint8).share_memory_()
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def image_path(self, idx: int) -> str:
+        raise NotImplementedError
+
+    def complete_text(self, query: dict) -> str:
+        """The complete target description used by ``--use_complete_text_query``."""
+        return query["target_caption"]
+
+    def get_all_texts(self) -> list[str]:
+        return [caption for img in self.imgs for caption in img["captions"]]
+
+    def sample_query(self, index: int, seed=None) -> dict:
+        query = super().sample_query(index, seed)
+        if self.use_complete_text_query:
+            query["mod"] = {**query["mod"], "str": self.complete_text(query)}
+        return query
+
+    # ----------------------------------------------------------------- images
+
+    def _load_img(self, idx: int) -> PIL.Image.Image:
+        return load_rgb_image(self.image_path(idx), self.max_image_pixels)
+
+    def _decode(self, idx: int, raw_img: bool = False):
+        """The image (transformed unless raw), or None when it is unusable and skipped."""
+        if self._bad[idx]:
+            return None
+        draft = None
+        if not raw_img and self.transform is not None:
+            draft = getattr(self.transform, "draft_size", None)
+        try:
+            img = load_rgb_image(self.image_path(idx), self.max_image_pixels, draft)
+        except BadImageError as e:
+            if self.on_bad_image == "fail":
+                raise
+            self._bad[idx] = 1
+            warnings.warn(
+                f"skipping an unusable image: {e} (--on_bad_image fail stops instead)",
+                BadImageWarning,
+                stacklevel=3,
+            )
+            return None
+        if raw_img or self.transform is None:
+            return img
+        return self.transform(img)
+
+    def get_img(self, idx: int, raw_img: bool = False):
+        idx = int(idx)
+        img = self._decode(idx, raw_img)
+        if img is not None:
+            return img
+        size = getattr(self.transform, "size", IMAGE_SIZE)
+        placeholder = PIL.Image.new("RGB", (size, size), _PLACEHOLDER_RGB)
+        if raw_img or self.transform is None:
+            return placeholder
+        return self.transform(placeholder)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(MAX_QUERY_ATTEMPTS):
+            seed = self.seed if attempt == 0 else f"{self.seed}/retry{attempt}"
+            query = self.sample_query(index, seed)
+            source = self._decode(query["source_img_id"])
+            if source is None:
+                continue
+            target = self._decode(query["target_img_id"])
+            if target is None:
+                continue
+            query["source_img_data"], query["target_img_data"] = source, target
+            return query
+        raise BadImageError(
+            f"{self.path}: {MAX_QUERY_ATTEMPTS} training queries drawn for index {index} all "
+            f"touched unusable images ({self.bad_image_count()} found so far); the image files "
+            f"look broken on a large scale"
+        )
+
+    def bad_image_count(self) -> int:
+        """How many distinct images were found unusable and skipped, in every process."""
+        return int(self._bad.sum())
+
+    def bad_image_paths(self) -> list[str]:
+        return [self.image_path(i) for i in torch.nonzero(self._bad).flatten().tolist()]
+
+
+def bad_image_summary(*dataset_list) -> str | None:
+    """One line for the run summary, or None when no image was skipped."""
+    parts, examples = [], []
+    for ds in dataset_list:
+        if not hasattr(ds, "bad_image_count"):
+            continue
+        count = ds.bad_image_count()
+        if count:
+            parts.append(f"{count} in {ds.split}")
+            examples += ds.bad_image_paths()[:3]
+    if not parts:
+        return None
+    return (
+        f"skipped unusable images ({', '.join(parts)}; e.g. {', '.join(examples[:3])}): training "
+        f"queries touching them were redrawn, evaluation used a grey image in their place"
+    )
+
+
+# --------------------------------------------------------------------------- MIT-States
+
+# The 49 nouns whose images form TIRG's test split (every other noun is training).
+TIRG_TEST_NOUNS = (
+    "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock",
+    "clothes", "coffee", "fan", "fig", "fish", "foam", "forest", "fruit", "furniture", "garden",
+    "gate", "glass", "horse", "island", "laptop", "lead", "lightning", "mirror", "orange",
+    "paint", "persimmon", "plastic", "plate", "potato", "road", "rubber", "sand", "shell", "sky",
+    "smoke", "steel", "stream", "table", "tea", "tomato", "vacuum", "wax", "wheel", "window",
+    "wool",
+)  # fmt: skip
+
+
+class MITStates(ImageFileDataset):
+    """MIT-States (Isola et al.): objects in states, one folder per "adjective noun".
+
+    Split: images of TIRG's 49 test nouns are the test split, all others train (folders
+    ``adj <noun>``, which hold images without a state, are skipped, as TIRG does). A query is an
+    image plus the name of another adjective of its noun ("melted"); the target is any image of
+    "<that adjective> <noun>", so hits are judged by caption. Training queries come in pairs that
+    share the source image and ask for two different adjectives (TIRG's sampling). The test
+    queries are every test image with every other adjective of its noun.
+    """
+
+    LAYOUT = (
+        "  <path>/images/<adj> <noun>/*.jpg   (MIT-States release_dataset.zip: one folder per "
+        "adjective-noun pair, e.g. 'images/ripe apple/*.jpg')"
+    )
+    recall_ks = (1, 5, 10)
+
+    def _build(self):
+        images_dir = os.path.join(self.path, "images")
+        if not os.path.isdir(images_dir):
+            raise FileNotFoundError(
+                f"MIT-States images not found: {images_dir} is not a folder. "
+                f"Expected layout:\n{self.LAYOUT}"
+            )
+        test_nouns = set(TIRG_TEST_NOUNS)
+        for folder in sorted(os.listdir(images_dir)):
+            full = os.path.join(images_dir, folder)
+            if " " not in folder or not os.path.isdir(full):
+                continue
+            words = folder.split()
+            if len(words) != 2:
+                raise DatasetFormatError(
+                    f"{full}: expected a folder named '<adjective> <noun>' (two words)"
+                )
+            adj, noun = words
+            if adj == "adj" or (noun in test_nouns) != (self.split == "test"):
+                continue
+            for name in sorted(os.listdir(full)):
+                if name.lower().endswith((".jpg", ".jpeg")):
+                    self.imgs.append(
+                        {
+                            "file_path": os.path.join(full, name),
+                            "captions": [f"{adj} {noun}"],
+                            "adj": adj,
+                            "noun": noun,
+                        }
+                    )
+        if not self.imgs:
+            raise DatasetFormatError(
+                f"{images_dir}: no '<adj> <noun>/*.jpg' images for the {self.split} split (its "
+                f"nouns are {'' if self.split == 'test' else 'all but '}TIRG's 49 test nouns). "
+                f"Expected layout:\n{self.LAYOUT}"
+            )
+        self.caption2imgids: dict[str, list[int]] = {}
+        self.noun2adjs: dict[str, list[str]] = {}
+        for i, img in enumerate(self.imgs):
+            self.caption2imgids.setdefault(img["captions"][0], []).append(i)
+            adjs = self.noun2adjs.setdefault(img["noun"], [])
+            if img["adj"] not in adjs:
+                adjs.append(img["adj"])
+        for noun, adjs in self.noun2adjs.items():
+            if len(adjs) < 2:
+                raise DatasetFormatError(
+                    f"{images_dir}: the noun '{noun}' has images of a single adjective "
+                    f"('{adjs[0]} {noun}') in the {self.split} split; a query needs another "
+                    f"adjective of the same noun"
+                )
+        if self.split == "test":
+            for idx, img in enumerate(self.imgs):
+                for target_adj in self.noun2adjs[img["noun"]]:
+                    if target_adj != img["adj"]:
+                        self.test_queries.append(
+                            {
+                                "source_img_id": idx,
+                                "source_caption": img["captions"][0],
+                                "target_caption": f"{target_adj} {img['noun']}",
+                                "noun": img["noun"],
+                                "mod": {"str": target_adj},
+                            }
+                        )
+
+    def image_path(self, idx):
+        return self.imgs[idx]["file_path"]
+
+    def extra_label_views(self) -> dict:
+        """TIRG's extra MIT-States recalls: the adjective alone and the noun alone."""
+        return {"adj": _first_word, "noun": _last_word}
+
+    def training_query(self, rng, index):
+        # The loader shuffles in TIRG, so the source is a uniformly drawn image. Both queries of a
+        # pair draw the same source (shared rng) and two different other adjectives; a noun with
+        # only two adjectives repeats the one other adjective. TIRG drew the target adjective
+        # among all adjectives of the noun, the source's own included (an identity query); here
+        # it is always another one, as in the test queries.
+        source = rng.randrange(len(self.imgs))
+        img = self.imgs[source]
+        others = [a for a in self.noun2adjs[img["noun"]] if a != img["adj"]]
+        adjs = rng.sample(others, 2) if len(others) >= 2 else [others[0], others[0]]
+        targets = [rng.choice(self.caption2imgids[f"{a} {img['noun']}"]) for a in adjs]
+        k = index % 2
+        return {
+            "source_img_id": source,
+            "target_img_id": targets[k],
+            "source_caption": img["captions"][0],
+            "noun": img["noun"],
+            "mod": {"str": adjs[k]},
+        }
+
+
+# --------------------------------------------------------------------------- Fashion200k
+
+
+def _fashion200k_caption(text: str) -> str:
+    """TIRG's caption clean-up: punctuation kept as words, since the tokenizer drops it."""
+    return (
+        text.strip()
+        .replace(".", "dotmark")
+        .replace("?", "questionmark")
+        .replace("&", "andmark")
+        .replace("*", "starmark")
+    )
+
+
+def different_word(source_caption: str, target_caption: str) -> tuple[str, str]:
+    """TIRG's word difference: the first source word missing from the target and the first
+    target word missing from the source (the last word when none is missing, as TIRG)."""
+    source_words, target_words = source_caption.split(), target_caption.split()
+    source_word = next((w for w in source_words if w not in target_words), source_words[-1])
+    target_word = next((w for w in target_words if w not in source_words), target_words[-1])
+    return source_word, target_word
+
+
+def _independent_rng(rng: random.Random, index: int) -> random.Random:
+    """BaseDataset gives the two queries of a pair one rng; datasets whose queries are
+    independent (TIRG shuffled Fashion200k's) derive one per index from it."""
+    return random.Random(f"{rng.getrandbits(64)}:{index % 2}")
+
+
+class Fashion200k(ImageFileDataset):
+    """Fashion200k (Han et al.): product photos with attribute-like captions.
+
+    Each image has one caption ("black midi dress"). A training query changes one word: its
+    target has a caption that differs from the source's by one word, found through TIRG's
+    parent-caption index (a parent is a caption with one word removed; children of the same
+    parent differ by one word), and the text is "replace <source word> with <target word>". The
+    test queries are the (source, target) path pairs of ``test_queries.txt`` (TIRG's standard
+    file). Hits are judged by caption: any image with the target's caption counts.
+    """
+
+    LAYOUT = (
+        "  <path>/labels/<category>_train_detect_all.txt, <category>_test_detect_all.txt\n"
+        "        (one image a line: <image path>\\t<detection score>\\t<caption>)\n"
+        "  <path>/women/<category>/<subcategory>/<id>/<id>_<n>.jpeg   (the paths in the labels)\n"
+        "  <path>/test_queries.txt   (test split: '<source image path> <target image path>' a line)"
+    )
+    recall_ks = (1, 10, 50)
+
+    def _build(self):
+        labels_dir = os.path.join(self.path, "labels")
+        if not os.path.isdir(labels_dir):
+            raise FileNotFoundError(
+                f"Fashion200k labels not found: {labels_dir} is not a folder. "
+                f"Expected layout:\n{self.LAYOUT}"
+            )
+        suffix = f"_{self.split}_detect_all.txt"
+        label_files = sorted(f for f in os.listdir(labels_dir) if f.endswith(suffix))
+        if not label_files:
+            raise FileNotFoundError(
+                f"Fashion200k: no {labels_dir}/*{suffix} label files. Expected layout:\n"
+                f"{self.LAYOUT}"
+            )
+        for name in label_files:
+            self._read_label_file(os.path.join(labels_dir, name))
+        if not self.imgs:
+            raise DatasetFormatError(f"{labels_dir}/*{suffix}: the label files list no images")
+        self.caption2imgids: dict[str, list[int]] = {}
+        for i, img in enumerate(self.imgs):
+            self.caption2imgids.setdefault(img["captions"][0], []).append(i)
+        if self.split == "train":
+            self._index_parent_captions()
+        else:
+            self._read_test_queries()
+
+    def _read_label_file(self, file: str) -> None:
+        with open(file, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                fields = line.split("\t")
+                where = f"{file}:{line_no}"
+                if len(fields) < 3 or not fields[0].strip() or not fields[2].strip():
+                    raise DatasetFormatError(
+                        f"{where}: expected '<image path>\\t<detection score>\\t<caption>', "
+                        f"got {line[:200]!r}"
+                    )
+                try:
+                    score = float(fields[1])
+                except ValueError:
+                    raise DatasetFormatError(
+                        f"{where}: the detection score {fields[1][:50]!r} is not a number"
+                    ) from None
+                self.imgs.append(
+                    {
+                        "file_path": _check_relative_path(fields[0].strip(), where),
+                        "detection_score": score,
+                        "captions": [_fashion200k_caption(fields[2])],
+                    }
+                )
+
+    def _read_test_queries(self) -> None:
+        file = os.path.join(self.path, "test_queries.txt")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"Fashion200k test queries not found: {file} (TIRG's standard test_queries.txt, "
+                f"https://storage.googleapis.com/image_retrieval_css/test_queries.txt). "
+                f"Expected layout:\n{self.LAYOUT}"
+            )
+        file2imgid: dict[str, int] = {}
+        for i, img in enumerate(self.imgs):
+            file2imgid.setdefault(img["file_path"], i)
+        with open(file, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                where = f"{file}:{line_no}"
+                if len(fields) != 2:
+                    raise DatasetFormatError(
+                        f"{where}: expected '<source image path> <target image path>', "
+                        f"got {line.strip()[:200]!r}"
+                    )
+                ids = []
+                for image in fields:
+                    if image not in file2imgid:
+                        raise DatasetFormatError(
+                            f"{where}: the image {image!r} is not listed in any "
+                            f"labels/*_test_detect_all.txt"
+                        )
+                    ids.append(file2imgid[image])
+                source, target = ids
+                source_caption = self.imgs[source]["captions"][0]
+                target_caption = self.imgs[target]["captions"][0]
+                source_word, target_word = different_word(source_caption, target_caption)
+                self.test_queries.append(
+                    {
+                        "source_img_id": source,
+                        "target_img_id": target,
+                        "source_caption": source_caption,
+                        "target_caption": target_caption,
+                        "mod": {"str": f"replace {source_word} with {target_word}"},
+                    }
+                )
+
+    def _index_parent_captions(self) -> None:
+        """TIRG's parent/child caption index, over word tokens.
+
+        A parent is a caption with one word removed; ``parent2children[p]`` lists (child
+        caption, the word added to p). Two children of one parent make a query when their added
+        words differ and neither occurs in the parent, so each caption lacks a word of the other
+        and "replace <w> with <w2>" names exactly the difference. (TIRG removed the word with
+        ``str.replace``, which also cut it out of longer words, e.g. 'red' from 'embroidered'.)
+        """
+        self.parent2children: dict[str, list[tuple[str, str]]] = {}
+        for caption in self.caption2imgids:
+            words = caption.split()
+            for i, word in enumerate(words):
+                parent_words = words[:i] + words[i + 1 :]
+                if word in parent_words:
+                    continue  # a repeated word: removing it leaves the word in the parent
+                children = self.parent2children.setdefault(" ".join(parent_words), [])
+                if (caption, word) not in children:
+                    children.append((caption, word))
+        # caption -> [(parent, the caption's own added word)] with at least one other word
+        self.caption_parents: dict[str, list[tuple[str, str]]] = {}
+        for parent, children in self.parent2children.items():
+            if len({w for _, w in children}) < 2:
+                continue
+            for caption, word in children:
+                self.caption_parents.setdefault(caption, []).append((parent, word))
+        for img in self.imgs:
+            img["modifiable"] = img["captions"][0] in self.caption_parents
+        self.modifiable_ids = [i for i, img in enumerate(self.imgs) if img["modifiable"]]
+        if not self.modifiable_ids:
+            raise DatasetFormatError(
+                f"{self.path}/labels/*_train_detect_all.txt: no two captions differ by one word, "
+                f"so no training query can be formed"
+            )
+
+    def image_path(self, idx):
+        return os.path.join(self.path, self.imgs[idx]["file_path"])
+
+    def training_query(self, rng, index):
+        # TIRG drew a (shuffled) image, moved to a random one until it was modifiable: a uniform
+        # modifiable image. Then, as TIRG, a random parent of its caption and a random child of
+        # that parent, drawn again until the child differs (every listed parent has another
+        # word, so this ends), and a random image of the child caption.
+        rng = _independent_rng(rng, index)
+        source = rng.choice(self.modifiable_ids)
+        caption = self.imgs[source]["captions"][0]
+        while True:
+            parent, word = rng.choice(self.caption_parents[caption])
+            target_caption, target_word = rng.choice(self.parent2children[parent])
+            if target_word != word:
+                break
+        return {
+            "source_img_id": source,
+            "target_img_id": rng.choice(self.caption2imgids[target_caption]),
+            "source_caption": caption,
+            "mod": {"str": f"replace {word} with {target_word}"},
+        }
+
+
+# --------------------------------------------------------------------------- FashionIQ
+
+FASHIONIQ_CATEGORIES = ("dress", "shirt", "toptee")
+
+
+class FashionIQ(ImageFileDataset):
+    """FashionIQ (Wu et al.): a reference garment, two relative captions, a target garment.
+
+    Training uses the triplets of ``captions/cap.<category>.train.json`` of the three
+    categories together (as ComposeAE), or of one ``category``. The text of a triplet is
+    ComposeAE's join of its two captions, "<category> <caption 1> and it <caption 2>",
+    lower-cased. The test split is the *validation* split (the test targets were never released):
+    its queries are the val triplets, and each category is ranked against its own gallery, every
+    image of ``image_splits/split.<category>.val.json`` (the original FashionIQ protocol), with
+    hits judged by image id. ``evaluation_groups()`` gives one group per category; the papers
+    report R@10 and R@50 per category and their mean.
+    """
+
+    LAYOUT = (
+        "  <path>/captions/cap.<category>.<train|val>.json   (lists of {'candidate': id, "
+        "'target': id, 'captions': [text, text]})\n"
+        "  <path>/image_splits/split.<category>.<train|val>.json   (lists of image ids)\n"
+        "  <path>/images/<image id>.png\n"
+        "  with <category> in dress, shirt, toptee"
+    )
+    recall_ks = (10, 50)
+    SPLITS = ("train", "val", "test")
+    exclude_source_in_test = False  # the public FashionIQ code ranks the reference image too
+
+    def __init__(self, path, split="train", transform=None, *, category="all", **kwargs):
+        if category != "all" and category not in FASHIONIQ_CATEGORIES:
+            raise ValueError(
+                f"FashionIQ category must be 'all' or one of {FASHIONIQ_CATEGORIES}, "
+                f"got {category!r}"
+            )
+        self.category = category
+        super().__init__(path, split, transform, **kwargs)
+
+    @property
+    def categories(self) -> tuple[str, ...]:
+        return FASHIONIQ_CATEGORIES if self.category == "all" else (self.category,)
+
+    def _build(self):
+        images_dir = os.path.join(self.path, "images")
+        if not os.path.isdir(images_dir):
+            raise FileNotFoundError(
+                f"FashionIQ images not found: {images_dir} is not a folder. "
+                f"Expected layout:\n{self.LAYOUT}"
+            )
+        file_split = "train" if self.split == "train" else "val"
+        self.category_img_ids: dict[str, list[int]] = {}
+        self.triplets: list[dict] = []
+        for category in self.categories:
+            split_file = os.path.join(
+                self.path, "image_splits", f"split.{category}.{file_split}.json"
+            )
+            ids = _read_json(split_file, self.LAYOUT)
+            if not isinstance(ids, list):
+                raise DatasetFormatError(f"{split_file}: expected a list of image ids")
+            row: dict[str, int] = {}
+            for k, image_id in enumerate(ids):
+                _check_image_id(image_id, f"{split_file}: entry {k}")
+                if image_id not in row:
+                    row[image_id] = len(self.imgs)
+                    self.imgs.append(
+                        {"asin": image_id, "category": category, "captions": [image_id]}
+                    )
+            self.category_img_ids[category] = list(row.values())
+            caption_file = os.path.join(self.path, "captions", f"cap.{category}.{file_split}.json")
+            entries = _read_json(caption_file, self.LAYOUT)
+            if not isinstance(entries, list):
+                raise DatasetFormatError(f"{caption_file}: expected a list of triplets")
+            for k, entry in enumerate(entries):
+                where = f"{caption_file}: entry {k}"
+                if (
+                    not isinstance(entry, dict)
+                    or not isinstance(entry.get("captions"), list)
+                    or not entry["captions"]
+                    or not all(isinstance(c, str) for c in entry["captions"])
+                ):
+                    raise DatasetFormatError(
+                        f"{where}: expected {{'candidate': id, 'target': id, 'captions': "
+                        f"[text, text]}}, got {str(entry)[:200]}"
+                    )
+                ids = []
+                for key in ("candidate", "target"):
+                    image_id = _check_image_id(entry.get(key), f"{where} ('{key}')")
+                    if image_id not in row:
+                        raise DatasetFormatError(
+                            f"{where}: the {key} image {image_id!r} is not in {split_file}"
+                        )
+                    ids.append(row[image_id])
+                text = f"{category} " + " and it ".join(c.strip() for c in entry["captions"])
+                self.triplets.append(
+                    {
+                        "source_img_id": ids[0],
+                        "target_img_id": ids[1],
+                        "target_caption": entry["target"],
+                        "category": category,
+                        "captions": list(entry["captions"]),
+                        "mod": {"str": text.lower()},
+                    }
+                )
+        if not self.triplets:
+            raise DatasetFormatError(
+                f"{self.path}/captions: no {file_split} triplets for {', '.join(self.categories)}"
+            )
+        if self.split != "train":
+            self.test_queries = [dict(t, mod=dict(t["mod"])) for t in self.triplets]
+
+    def image_path(self, idx):
+        base = os.path.join(self.path, "images", self.imgs[idx]["asin"])
+        # The common release has PNGs; ComposeAE's copy had JPEGs.
+        if not os.path.exists(base + ".png") and os.path.exists(base + ".jpg"):
+            return base + ".jpg"
+        return base + ".png"
+
+    def complete_text(self, query):
+        return query["mod"]["str"]  # FashionIQ has no target description: the captions are all
+
+    def get_all_texts(self):
+        return [t["mod"]["str"] for t in self.triplets]
+
+    def training_query(self, rng, index):
+        rng = _independent_rng(rng, index)  # the triplets are independent (shuffled in ComposeAE)
+        t = rng.choice(self.triplets)
+        return {
+            "source_img_id": t["source_img_id"],
+            "target_img_id": t["target_img_id"],
+            "target_caption": t["target_caption"],
+            "category": t["category"],
+            "mod": dict(t["mod"]),
+        }
+
+    def evaluation_groups(self) -> list[dict]:
+        """One group per category: its val queries against every image of its val split."""
+        return [
+            {
+                "name": category,
+                "queries": [q for q in self.test_queries if q["category"] == category],
+                "gallery_ids": self.category_img_ids[category],
+            }
+            for category in self.categories
+        ]
+
+
+DATASETS = {
+    "css3d": CSSDataset,
+    "mitstates": MITStates,
+    "fashion200k": Fashion200k,
+    "fashioniq": FashionIQ,
+}
 
 
 def describe(dataset: BaseDataset) -> str:
@@ -319,10 +1111,3 @@ def describe(dataset: BaseDataset) -> str:
         f"{len(dataset.imgs)} images, {len(dataset.test_queries)} queries"
     )
 
-
-def read_synthetic_marker(path: str) -> dict | None:
-    marker = os.path.join(path, SYNTHETIC_MARKER)
-    if not os.path.isfile(marker):
-        return None
-    with open(marker) as f:
-        return json.load(f)
