@@ -1,9 +1,10 @@
-"""Image-text composition models: image-only, text-only, Concat, TIRG and TIRGLastConv.
+"""Image-text composition models: image-only, text-only, Concat, TIRG, TIRGLastConv, ComposeAE.
 
 All share a ResNet-18 image encoder (global average pooling, then a linear layer to
 ``embed_dim``) and take any text encoder from ``text_model`` (an ``nn.Module`` with ``out_dim``).
-The models know nothing about datasets or losses: ``forward`` returns features, and the training
-step in ``main.py`` turns them into loss terms.
+The models know nothing about datasets: ``forward`` returns features (and a model's own loss
+terms, such as ComposeAE's decoder and rotational-symmetry losses, in ``extra_losses``), and the
+training step in ``main.py`` turns them into the loss.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import torch_function
 from torch_function import NormalizationLayer
 
 
@@ -100,14 +102,30 @@ class ImgTextCompositionBase(torch.nn.Module):
         the cheap feature-space GA variant), and ``extra_losses`` (model-specific loss terms).
         """
         source_features = self.extract_img_feature(source_imgs)
-        query = self.compose_img_text_features(source_features, self.extract_text_feature(texts))
+        text_features = self.extract_text_feature(texts)
+        query = self.compose_img_text_features(source_features, text_features)
         target = self.extract_img_feature(target_imgs)
         return {
             "query": self.normalization_layer(query),
             "target": self.normalization_layer(target),
             "source_features": source_features,
-            "extra_losses": {},
+            "extra_losses": self.extra_losses(source_features, text_features, query, target),
         }
+
+    def extra_losses(
+        self,
+        source_features: torch.Tensor,
+        text_features: torch.Tensor,
+        query: torch.Tensor,
+        target_features: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Model-specific loss terms of a training batch, by name (none here).
+
+        source_features, target_features, query: (B, embed_dim) before normalization;
+        text_features: (B, text_dim). The training step adds each term to L with weight
+        ``loss_weights(args).get(name, 1.0)``.
+        """
+        return {}
 
 
 class SimpleModelImageOnly(ImgTextCompositionBase):
@@ -235,10 +253,177 @@ class TIRGLastConv(ImgTextCompositionBase):
         }
 
 
+class BatchNorm1dAnyBatch(torch.nn.BatchNorm1d):
+    """BatchNorm1d that also takes a training batch of one sample.
+
+    One sample has no batch variance, so ``torch.nn.BatchNorm1d`` raises; this normalizes it with
+    the running statistics instead (and leaves them unchanged). Every larger batch is plain
+    BatchNorm1d, with the same parameters and state dict.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 1:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        return super().forward(x)
+
+
+def rotate(
+    real: torch.Tensor, imag: torch.Tensor, delta: torch.Tensor, conjugate: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multiply the complex vector real + i*imag by exp(i*delta), or by exp(-i*delta) with
+    ``conjugate``. All (B, D) -> ((B, D), (B, D)). Rotating by delta then by its conjugate is the
+    identity."""
+    cos, sin = torch.cos(delta), torch.sin(delta)
+    if conjugate:
+        sin = -sin
+    return real * cos - imag * sin, real * sin + imag * cos
+
+
+class ComplexProjection(torch.nn.Module):
+    """ComposeAE's complex projection: phi = x * exp(i * delta).
+
+    x is the image feature mapped by a small MLP; delta, the text mapped to ``embed_dim`` angles,
+    acts as a rotation in the complex space (``conjugate`` rotates the other way, for the
+    rotational-symmetry loss). Layers as the public code (its text input is fixed at 768 there;
+    here it is any ``text_dim``).
+    """
+
+    def __init__(self, embed_dim: int, text_dim: int):
+        super().__init__()
+        self.image_mlp = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(embed_dim),
+            torch.nn.Linear(embed_dim, embed_dim),
+            torch.nn.Dropout(p=0.5),
+            torch.nn.ReLU(),
+            torch.nn.Linear(embed_dim, embed_dim),
+        )
+        self.text_mlp = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(text_dim),
+            torch.nn.Linear(text_dim, embed_dim),
+            torch.nn.ReLU(),
+            torch.nn.Linear(embed_dim, embed_dim),
+        )
+
+    def forward(
+        self, img_features: torch.Tensor, text_features: torch.Tensor, conjugate: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """(B, embed_dim), (B, text_dim) -> {x, delta, real, imag}, each (B, embed_dim)."""
+        x = self.image_mlp(img_features)
+        delta = self.text_mlp(text_features)
+        real, imag = rotate(x, torch.zeros_like(x), delta, conjugate)
+        return {"x": x, "delta": delta, "real": real, "imag": imag}
+
+
+class ComposeAE(ImgTextCompositionBase):
+    """ComposeAE (Anwaar, Labintcev and Kleinsteuber, WACV 2021), following the public code.
+
+    The query is theta = a[1] * rho(phi) + a[0] * rho_conv(phi, x, delta, z), a = (1, 10, ...):
+    - phi = x * exp(i * delta): the image rotated by the text in the complex space
+      (``ComplexProjection``; the linear and the convolutional branch each have their own, as in
+      the public code);
+    - rho: a linear mapping of [Re phi, Im phi] (B, 2E) back to the image space;
+    - rho_conv: a Conv1d over the 5 channels [x, delta, z, Re phi, Im phi] (B, 5, E), max-pooled to
+      16 positions, then an MLP (z is the raw image feature).
+
+    Extra losses of ``forward`` (``out["extra_losses"]``), returned ALREADY WEIGHTED with the
+    public code's weights (main loss 1.0, then 0.1, 0.1, 0.01), so the training step adds them
+    with weight 1.0:
+    - ``decoder_img``: 0.1 * MSE(image_decoder(theta), z_source);
+    - ``decoder_text``: 0.1 * MSE(text_decoder(theta), t);
+    - ``rot_sym``: 0.01 * the matching loss between the normalized composition of the TARGET
+      image features with the conjugate rotation and the normalized source features (the
+      rotational-symmetry loss: undoing the modification should lead back to the source).
+
+    ``matching_loss`` (query (B, D), target (B, D) -> scalar) is the run's main loss (batch-based
+    classification or soft triplet), as the public code uses for rot_sym. Unlike the public code
+    it takes any batch size (it hard-codes 32 for the conjugate sign), any text dimension (its
+    projection is fixed at 768) and any ``embed_dim``; BatchNorm layers accept a training batch
+    of one (``BatchNorm1dAnyBatch``).
+    """
+
+    uses_matching_loss = True
+    LOSS_WEIGHTS = {"decoder_img": 0.1, "decoder_text": 0.1, "rot_sym": 0.01}
+    CONV_CHANNELS, CONV_POSITIONS = 64, 16
+
+    def __init__(
+        self,
+        text_encoder,
+        embed_dim=512,
+        pretrained=False,
+        matching_loss=torch_function.batch_classification_loss,
+    ):
+        super().__init__(text_encoder, embed_dim, pretrained)
+        e, t = embed_dim, self.text_dim
+        self.matching_loss = matching_loss
+        self.a = torch.nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))
+        self.projection_linear = ComplexProjection(e, t)
+        self.projection_conv = ComplexProjection(e, t)
+        self.mapping_linear = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(2 * e),
+            torch.nn.ReLU(),
+            torch.nn.Linear(2 * e, e),
+            torch.nn.ReLU(),
+            torch.nn.Linear(e, e),
+        )
+        conv_out = self.CONV_CHANNELS * self.CONV_POSITIONS
+        self.conv = torch.nn.Conv1d(5, self.CONV_CHANNELS, kernel_size=3, padding=1)
+        self.conv_pool = torch.nn.AdaptiveMaxPool1d(self.CONV_POSITIONS)
+        self.mapping_conv = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(conv_out),
+            torch.nn.ReLU(),
+            torch.nn.Linear(conv_out, e),
+            torch.nn.ReLU(),
+            torch.nn.Linear(e, e),
+        )
+        self.image_decoder = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(e),
+            torch.nn.ReLU(),
+            torch.nn.Linear(e, e),
+            torch.nn.ReLU(),
+            torch.nn.Linear(e, e),
+        )
+        self.text_decoder = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(e),
+            torch.nn.ReLU(),
+            torch.nn.Linear(e, t),
+            torch.nn.ReLU(),
+            torch.nn.Linear(t, t),
+        )
+
+    def compose_img_text_features(self, img_features, text_features, conjugate: bool = False):
+        """(B, embed_dim), (B, text_dim) -> theta (B, embed_dim); conjugate: rotate by -delta."""
+        phi = self.projection_linear(img_features, text_features, conjugate)
+        theta_linear = self.mapping_linear(torch.cat([phi["real"], phi["imag"]], dim=1))
+        phi = self.projection_conv(img_features, text_features, conjugate)
+        channels = torch.stack(
+            [phi["x"], phi["delta"], img_features, phi["real"], phi["imag"]], dim=1
+        )  # (B, 5, embed_dim)
+        pooled = self.conv_pool(self.conv(channels))  # (B, 64, 16)
+        theta_conv = self.mapping_conv(pooled.flatten(1))
+        return self.a[1] * theta_linear + self.a[0] * theta_conv
+
+    def extra_losses(self, source_features, text_features, query, target_features):
+        decoder_img = F.mse_loss(self.image_decoder(query), source_features)
+        decoder_text = F.mse_loss(self.text_decoder(query), text_features)
+        back = self.compose_img_text_features(target_features, text_features, conjugate=True)
+        rot_sym = self.matching_loss(
+            self.normalization_layer(back), self.normalization_layer(source_features)
+        )
+        w = self.LOSS_WEIGHTS
+        return {
+            "decoder_img": w["decoder_img"] * decoder_img,
+            "decoder_text": w["decoder_text"] * decoder_text,
+            "rot_sym": w["rot_sym"] * rot_sym,
+        }
+
+
 MODELS = {
     "imgonly": SimpleModelImageOnly,
     "textonly": SimpleModelTextOnly,
     "concat": Concat,
     "tirg": TIRG,
     "tirg_lastconv": TIRGLastConv,
+    "composeAE": ComposeAE,
 }
