@@ -1,15 +1,36 @@
-"""Retrieval evaluation: batched feature extraction and chunked top-k recall.
+"""Retrieval evaluation: batched feature extraction, chunked top-k ranking and recall.
 
 ``recall_at_k`` is a pure function of features and labels. ``evaluate`` takes a model and a
 dataset: it encodes every needed image once, composes the queries from the cached image features
 when the model allows it (TIRG re-encoded each query image), and ranks the gallery by cosine
 similarity.
+
+Ranking rule (ties). The gallery is ordered by descending cosine similarity; items with exactly
+equal similarity are ordered by ascending gallery index, i.e. the order of a *stable* sort of
+``-similarity``. Exact ties are real: duplicate gallery images (CSS's ``.dup`` file, a gallery
+of training targets that repeats an image) give identical features. TIRG used
+``np.argsort(-sims)`` (quicksort), whose order among ties is unspecified. The exact path follows
+the rule everywhere: ``topk`` fetches one item more than needed, the list is re-sorted by
+(similarity, index), and a row whose last fetched item ties with the k-th is re-ranked from its
+full similarity row (rare outside galleries with repeated images). An excluded item (a query's
+own source image) is never a hit and never takes a slot, even when k covers the whole gallery.
+
+Speed. Where the hardware multiplies bfloat16 natively (GPUs, CPUs with AVX512-BF16 or AMX),
+recall first scores in bf16, about 4x cheaper than fp32 on such a CPU. A rigorous bound on the
+rounding error (``_screen_error_bound``) tells which queries' hits the rounding cannot change;
+those are decided from the bf16 scores and every other query is ranked again in fp32, so the
+recall equals the fp32 path's (``precision='fp32'``) exactly.
+
+Label views. A dataset may offer ``extra_label_views() -> {name: view}``, where ``view`` maps a
+label (``gallery_labels()[i]`` or ``query_label(q)``, strings) to a coarser label. ``evaluate``
+then also reports recall under each view: for MIT-States, ``{"adj": first word, "noun": second
+word}`` gives TIRG's adjective-only and noun-only recall.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -19,10 +40,401 @@ from tqdm import tqdm
 from torch_function import normalize_images
 
 GALLERY_CHUNK_BYTES = 256 * 2**20
+BACKENDS = ("exact", "faiss")
+QUALITATIVE_QUERIES = 6  # test queries whose top-10 lists ``test`` returns for the figure
+QUALITATIVE_K = 10
+TIE_ROWS = 256  # rows re-ranked at once when the k-th place ties with an unfetched item
+PRECISIONS = ("auto", "fp32", "bf16")
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand)
+U_FP32 = 2.0**-24
 
 
 def _as_tensor(x, dtype=None) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=dtype)
+
+
+def _check_finite(features: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(features).all()):
+        raise ValueError(
+            f"{name} features hold NaN or inf values; the model produced non-finite features, "
+            f"so no ranking is defined"
+        )
+
+
+def _default_chunk_size(n_gallery: int) -> int:
+    return max(1, GALLERY_CHUNK_BYTES // (4 * max(n_gallery, 1)))
+
+
+def _order_ties_by_index(values: torch.Tensor, indices: torch.Tensor):
+    """Re-sort (C, K) top-k lists by (descending value, ascending index); topk leaves the order
+    among equal values unspecified."""
+    by_index = indices.argsort(dim=1)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    by_value = values.argsort(dim=1, descending=True, stable=True)
+    return values.gather(1, by_value), indices.gather(1, by_value)
+
+
+def _exact_top_k_chunks(queries, gallery, k, exclude, chunk_size, desc):
+    """Yield (start, stop, top): top (C, min(k, N)) gallery indices in rank order (the module's
+    tie rule); an excluded item has similarity -inf, so it can only fill the last slots."""
+    n_queries, n_gallery = queries.shape[0], gallery.shape[0]
+    k = min(k, n_gallery)
+    fetch = min(k + 1, n_gallery)  # one more: tells whether the k-th item ties with an unseen one
+    starts = range(0, n_queries, chunk_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 8):
+        stop = min(start + chunk_size, n_queries)
+        similarities = queries[start:stop] @ gallery.t()
+        if exclude is not None:
+            excluded = exclude[start:stop]
+            rows = torch.nonzero(excluded >= 0).squeeze(1)
+            similarities[rows, excluded[rows]] = float("-inf")
+        values, top = similarities.topk(fetch, dim=1)
+        values, top = _order_ties_by_index(values, top)
+        if fetch > k:
+            # Items outside the fetched list may tie with the k-th and have lower indices.
+            ambiguous = torch.nonzero(values[:, k] == values[:, k - 1]).squeeze(1)
+            for rows in ambiguous.split(TIE_ROWS):
+                top[rows, :k] = _resolve_boundary_ties(similarities[rows], values[rows, k - 1], k)
+        yield start, stop, top[:, :k]
+
+
+def _resolve_boundary_ties(similarities: torch.Tensor, kth_value: torch.Tensor, k: int):
+    """Top-k lists under the tie rule for rows whose k-th value ties with an item outside topk.
+
+    similarities (A, N), kth_value (A,) -> (A, k) indices: every item above the k-th value, then
+    the lowest-index items equal to it, in (value, index) order.
+    """
+    kth_value = kth_value[:, None]
+    above = similarities > kth_value
+    tied = similarities == kth_value
+    needed = k - above.sum(dim=1, keepdim=True)
+    selected = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= needed))
+    values, top = similarities.masked_fill(~selected, float("-inf")).topk(k, dim=1)
+    return _order_ties_by_index(values, top)[1]
+
+
+def _faiss_top_k_chunks(queries, gallery, k, exclude, chunk_size, faiss_index, desc):
+    """As ``_exact_top_k_chunks`` with a FAISS inner-product index (CPU). Excluded items are
+    dropped from the lists rather than ranked last; -1 marks a slot FAISS left empty."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError(
+            "backend='faiss' needs the optional package faiss-cpu (pip install faiss-cpu)"
+        ) from None
+    spec, _, params = faiss_index.partition("|")
+    gallery_np = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
+    index = faiss.index_factory(gallery_np.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(gallery_np)
+    index.add(gallery_np)
+    if params:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    n_queries, n_gallery = queries.shape[0], gallery.shape[0]
+    k = min(k, n_gallery)
+    fetch = min(k + (exclude is not None), n_gallery)
+    starts = range(0, n_queries, chunk_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 8):
+        stop = min(start + chunk_size, n_queries)
+        chunk = np.ascontiguousarray(queries[start:stop].detach().cpu().numpy(), dtype=np.float32)
+        values, top = index.search(chunk, fetch)
+        values, top = _order_ties_by_index(torch.from_numpy(values), torch.from_numpy(top))
+        values[top < 0] = float("-inf")  # empty slots go last
+        values, top = _order_ties_by_index(values, top)
+        if exclude is not None:
+            # Move the excluded item (if listed) to the end, then keep k slots.
+            excluded = exclude[start:stop].cpu()
+            drop = top == excluded[:, None]
+            order = drop.to(torch.int8).argsort(dim=1, stable=True)
+            top = top.gather(1, order)
+            top[drop.gather(1, order)] = -1
+        yield start, stop, top[:, :k].to(queries.device)
+
+
+def _prepare(query_features, gallery_features, exclude_indices, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    gallery = F.normalize(_as_tensor(gallery_features).float(), dim=1)
+    queries = F.normalize(_as_tensor(query_features).float().to(gallery.device), dim=1)
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"expected query features (Q, D) and gallery features (N, D), got "
+            f"{tuple(queries.shape)} and {tuple(gallery.shape)}"
+        )
+    _check_finite(queries, "query")
+    _check_finite(gallery, "gallery")
+    exclude = None
+    if exclude_indices is not None:
+        exclude = _as_tensor(exclude_indices, torch.long).to(gallery.device)
+        if exclude.shape != (queries.shape[0],):
+            raise ValueError(
+                f"exclude_indices must hold one gallery index (or -1) per query: "
+                f"{queries.shape[0]} queries, {tuple(exclude.shape)} indices"
+            )
+        if len(exclude) and int(exclude.max()) >= gallery.shape[0]:
+            raise ValueError(
+                f"exclude_indices names gallery item {int(exclude.max())}, outside "
+                f"0..{gallery.shape[0] - 1}"
+            )
+    return queries, gallery, exclude
+
+
+def _top_k_chunks(queries, gallery, k, exclude, chunk_size, backend, faiss_index, desc):
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(gallery.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if backend == "faiss":
+        return _faiss_top_k_chunks(queries, gallery, k, exclude, chunk_size, faiss_index, desc)
+    return _exact_top_k_chunks(queries, gallery, k, exclude, chunk_size, desc)
+
+
+def top_k_gallery(
+    query_features,
+    gallery_features,
+    k: int,
+    exclude_indices=None,
+    chunk_size: int | None = None,
+    backend: str = "exact",
+    faiss_index: str = "Flat",
+) -> torch.Tensor:
+    """The k most similar gallery items of every query, in rank order (the module's tie rule).
+
+    query_features (Q, D), gallery_features (N, D): tensors or arrays, compared by cosine
+    similarity. exclude_indices (Q,): a gallery index to rank last for each query, or -1.
+    Returns a (Q, min(k, N)) long tensor of gallery indices, on the gallery's device.
+    """
+    queries, gallery, exclude = _prepare(query_features, gallery_features, exclude_indices, backend)
+    if queries.shape[0] == 0 or gallery.shape[0] == 0:
+        return torch.zeros(queries.shape[0], 0, dtype=torch.long, device=gallery.device)
+    chunks = _top_k_chunks(
+        queries, gallery, k, exclude, chunk_size, backend, faiss_index, "rank gallery"
+    )
+    return torch.cat([top for _, _, top in chunks])
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        check = getattr(torch.cpu, probe, None)
+        try:
+            if check is not None and check():
+                return True
+        except (RuntimeError, AttributeError):
+            pass
+    return False
+
+
+def _screen_window(k_max: int) -> int:
+    return max(2 * k_max, k_max + 64)
+
+
+def _use_bf16_screen(precision: str, device: torch.device, backend: str, n_gallery: int, k_max):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if backend != "exact" or precision == "fp32" or n_gallery <= _screen_window(k_max) + 1:
+        return False
+    if precision == "bf16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and _cpu_has_fast_bf16()
+
+
+class _BF16Gallery:
+    """The gallery in bfloat16, with the norms that bound the screen's rounding error."""
+
+    def __init__(self, gallery: torch.Tensor):
+        self.features = gallery.to(torch.bfloat16)
+        rounded = self.features.float()
+        self.dim = gallery.shape[1]
+        self.rounding_norm_max = (gallery - rounded).norm(dim=1).max()  # max_j ||g_j - bf16(g_j)||
+        self.norm_max = gallery.norm(dim=1).max()
+        self.rounded_norm_max = rounded.norm(dim=1).max()
+
+
+def _bf16_similarities(rounded_queries, rounded_gallery) -> torch.Tensor:
+    """(C, D) @ (N, D)^T in bf16 with fp32 accumulation (cuBLAS may otherwise reduce in bf16,
+    which the error bound does not cover)."""
+    cuda = rounded_queries.device.type == "cuda"
+    if cuda:
+        allowed = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        return rounded_queries @ rounded_gallery.t()
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = allowed
+
+
+def _screen_error_bound(queries, rounded_queries, gallery: _BF16Gallery, largest):
+    """eps_i >= |s~_ij - s_ij| for every gallery item j whose bf16 similarity s~_ij has
+    |s~_ij| <= largest_i (or is below one that has): (C,).
+
+    s~ - s = (q~ - q).g~ + q.(g~ - g) + accumulation + output rounding, bounded by
+    ||q~ - q|| ||g~|| + ||q|| ||g~ - g|| (Cauchy-Schwarz), D u32 (||q~|| ||g~|| + ||q|| ||g||)
+    for the fp32 sums of s~ and s, and u/(1 - u) |s~| for rounding s~ to bf16; 1% and a tiny
+    absolute term cover the rounding of this sum and flushed subnormals.
+    """
+    rounded = rounded_queries.float()
+    query_norm = queries.norm(dim=1)
+    accumulation = (
+        gallery.dim
+        * U_FP32
+        * (rounded.norm(dim=1) * gallery.rounded_norm_max + query_norm * gallery.norm_max)
+    )
+    return (
+        (queries - rounded).norm(dim=1) * gallery.rounded_norm_max
+        + query_norm * gallery.rounding_norm_max
+        + accumulation
+        + U_BF16 / (1 - U_BF16) * largest
+    ) * 1.01 + 1e-30 * gallery.dim
+
+
+def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, window):
+    """Decide recall@k from bfloat16 similarities wherever the rounding cannot change the answer.
+
+    queries (C, D) fp32, normalized; exclude (C,) or None; labels {name: (query labels (C,),
+    gallery labels (N,))}. Returns ({name: hits (C, len(ks)) bool}, uncertain (C,) bool): for
+    every row that is not uncertain the hits equal those of the fp32 ranking.
+
+    Why: |s~ - s| <= eps_i for every item of query i, where s~ is the bf16 similarity and s the
+    fp32 one; eps_i bounds the input rounding (Cauchy-Schwarz on the rounding residuals), the
+    fp32 accumulation of both products and the bf16 rounding of the output. So an item with
+    s~ > s~_h + 2 eps ranks above item h whatever the ties, and one with s~ < s~_h - 2 eps
+    ranks below it. With h the hit of largest s~: if fewer than k non-hits (and no unfetched
+    item) have s~ >= s~_h - 2 eps, a hit is in the top k (the first hit is preceded by
+    non-hits only); if at least k items have s~ > s~_h + 2 eps, no hit is. Any other row is
+    uncertain and is ranked again in fp32.
+    """
+    rounded_queries = queries.to(torch.bfloat16)
+    approx = _bf16_similarities(rounded_queries, gallery.features)  # (C, N) bf16
+    if exclude is not None:
+        rows = torch.nonzero(exclude >= 0).squeeze(1)
+        approx[rows, exclude[rows]] = float("-inf")
+    values, top = approx.topk(window, dim=1)  # (C, W), descending
+    del approx
+    values = values.float()
+    largest = torch.maximum(values[:, 0].abs(), values[:, -1].abs())
+    eps = _screen_error_bound(queries, rounded_queries, gallery, largest)
+    margin = 2 * eps[:, None]
+    listed = torch.ones_like(top, dtype=torch.bool) if exclude is None else top != exclude[:, None]
+    ks_tensor = torch.as_tensor(ks, device=values.device)[None, :]
+    uncertain = torch.zeros(len(queries), dtype=torch.bool, device=values.device)
+    hits = {}
+    for name, (query_labels, gallery_labels) in labels.items():
+        match = listed & (gallery_labels[top] == query_labels[:, None])
+        best_listed = match.any(dim=1, keepdim=True)
+        # An unfetched hit is at most the last fetched value.
+        best = torch.where(
+            best_listed,
+            values.masked_fill(~match, float("-inf")).max(dim=1, keepdim=True).values,
+            values[:, -1:],
+        )
+        # Only non-hits matter: the first hit in the exact order is preceded by non-hits alone.
+        may_beat = ((values >= best - margin) & ~match).sum(dim=1, keepdim=True)
+        unfetched_may_beat = values[:, -1:] >= best - margin
+        surely_beat = (values > best + margin).sum(dim=1, keepdim=True)
+        certain_in = best_listed & ~unfetched_may_beat & (may_beat < ks_tensor)
+        certain_out = surely_beat >= ks_tensor
+        uncertain |= (~certain_in & ~certain_out).any(dim=1)
+        hits[name] = certain_in
+    return hits, uncertain
+
+
+def _hits_from_top(top, exclude, labels, ks) -> dict[str, torch.Tensor]:
+    """{name: (R, len(ks)) bool}: whether a hit is among the first k listed items of each row.
+
+    top (R, K) gallery indices in rank order (-1: empty slot); exclude (R,) or None."""
+    listed = top >= 0
+    if exclude is not None:
+        listed &= top != exclude[:, None]
+    # A slot counts for k when fewer than k listed items precede it.
+    position = listed.cumsum(dim=1)
+    safe_top = top.clamp_min(0)
+    out = {}
+    for name, (query_labels, gallery_labels) in labels.items():
+        match = listed & (gallery_labels[safe_top] == query_labels[:, None])
+        out[name] = torch.stack([(match & (position <= k)).any(dim=1) for k in ks], dim=1)
+    return out
+
+
+def recall_at_k_label_sets(
+    query_features,
+    gallery_features,
+    label_sets: Mapping[str, tuple],
+    ks: Sequence[int],
+    exclude_indices=None,
+    chunk_size: int | None = None,
+    backend: str = "exact",
+    faiss_index: str = "Flat",
+    precision: str = "auto",
+) -> dict[str, dict[int, float]]:
+    """``recall_at_k`` under several labelings of the same queries and gallery, ranked once.
+
+    label_sets: {name: (query_target_labels (Q,), gallery_labels (N,))}, integer labels.
+    Returns {name: {k: recall in [0, 1]}}.
+    """
+    queries, gallery, exclude = _prepare(query_features, gallery_features, exclude_indices, backend)
+    device = gallery.device
+    n_queries, n_gallery = queries.shape[0], gallery.shape[0]
+    labels = {}
+    for name, (query_labels, gallery_labels) in label_sets.items():
+        query_labels = _as_tensor(query_labels, torch.long).to(device)
+        gallery_labels = _as_tensor(gallery_labels, torch.long).to(device)
+        if query_labels.shape != (n_queries,) or gallery_labels.shape != (n_gallery,):
+            raise ValueError(
+                f"label set {name!r}: {n_queries} query features but "
+                f"{tuple(query_labels.shape)} labels, or {n_gallery} gallery features but "
+                f"{tuple(gallery_labels.shape)} labels"
+            )
+        labels[name] = (query_labels, gallery_labels)
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    if n_queries == 0 or n_gallery == 0:
+        return {name: {k: 0.0 for k in ks} for name in labels}
+    hits = {name: torch.zeros(len(ks), dtype=torch.long, device=device) for name in labels}
+
+    def add(rows_hits):
+        for name, h in rows_hits.items():
+            hits[name] += h.sum(dim=0)
+
+    def rows_of(rows):
+        exclude_rows = None if exclude is None else exclude[rows]
+        label_rows = {n: (q[rows], g) for n, (q, g) in labels.items()}
+        return exclude_rows, label_rows
+
+    if _use_bf16_screen(precision, device, backend, n_gallery, ks[-1]):
+        rounded_gallery = _BF16Gallery(gallery)
+        window = _screen_window(ks[-1])
+        size = chunk_size or _default_chunk_size(n_gallery)
+        starts = range(0, n_queries, size)
+        for start in tqdm(starts, desc="recall", leave=False, disable=len(starts) < 8):
+            rows = torch.arange(start, min(start + size, n_queries), device=device)
+            exclude_rows, label_rows = rows_of(rows)
+            screened, uncertain = _screen_chunk(
+                queries[rows], rounded_gallery, exclude_rows, label_rows, ks, window
+            )
+            add({name: h[~uncertain] for name, h in screened.items()})
+            again = rows[uncertain]
+            if len(again):  # rank these rows in fp32
+                exclude_rows, label_rows = rows_of(again)
+                chunks = _exact_top_k_chunks(
+                    queries[again], gallery, ks[-1], exclude_rows, len(again), None
+                )
+                for _, _, top in chunks:
+                    add(_hits_from_top(top, exclude_rows, label_rows, ks))
+    else:
+        chunks = _top_k_chunks(
+            queries, gallery, ks[-1], exclude, chunk_size, backend, faiss_index, "recall"
+        )
+        for start, stop, top in chunks:
+            exclude_rows, label_rows = rows_of(torch.arange(start, stop, device=device))
+            add(_hits_from_top(top, exclude_rows, label_rows, ks))
+    return {
+        name: {k: h[i].item() / n_queries for i, k in enumerate(ks)} for name, h in hits.items()
+    }
 
 
 def recall_at_k(
@@ -33,50 +445,42 @@ def recall_at_k(
     ks: Sequence[int],
     exclude_indices=None,
     chunk_size: int | None = None,
+    backend: str = "exact",
+    faiss_index: str = "Flat",
+    precision: str = "auto",
 ) -> dict[int, float]:
     """Fraction of queries with an item of the target's label among the k most similar.
 
     query_features (Q, D) and gallery_features (N, D): tensors or arrays, ranked by cosine
-    similarity. query_target_labels (Q,) and gallery_labels (N,): integer labels; every gallery
-    item with the query's label counts as a hit. exclude_indices (Q,): a gallery index to drop
-    for each query (its own source image), or -1. Queries are scored ``chunk_size`` at a time
-    with ``topk`` (default: chunks of at most 256 MB of similarities), so memory stays bounded.
-    Runs on the gallery's device. Returns {k: recall in [0, 1]}.
+    similarity (ties: see the module docstring). query_target_labels (Q,) and gallery_labels
+    (N,): integer labels; every gallery item with the query's label counts as a hit.
+    exclude_indices (Q,): a gallery index to drop for each query (its own source image), or -1.
+
+    ``backend='exact'`` (default) scores ``chunk_size`` queries at a time with ``topk`` (default:
+    chunks of at most 256 MB of similarities), so memory stays bounded, on the gallery's device.
+    ``backend='faiss'`` searches a FAISS inner-product index instead (CPU, optional package
+    faiss-cpu): ``faiss_index`` is an index-factory string, optionally followed by ``|`` and
+    parameters, e.g. ``"Flat"`` (exact) or ``"IVF1024,Flat|nprobe=16"`` (approximate). FAISS
+    breaks ties at the k-th place its own way.
+
+    ``precision`` (exact backend): ``'fp32'`` ranks with fp32 similarities. ``'bf16'`` first
+    scores in bfloat16 (several times faster where the hardware multiplies bf16 natively) and
+    decides every query whose answer the rounding provably cannot change, ranking the others
+    again in fp32: the result equals the fp32 one (see ``_screen_chunk``). ``'auto'`` (default)
+    takes bf16 on GPUs with bf16 and on CPUs with AVX512-BF16 or AMX, else fp32.
+    Returns {k: recall in [0, 1]}.
     """
-    gallery = F.normalize(_as_tensor(gallery_features).float(), dim=1)
-    device = gallery.device
-    queries = F.normalize(_as_tensor(query_features).float().to(device), dim=1)
-    query_labels = _as_tensor(query_target_labels, torch.long).to(device)
-    gallery_labels = _as_tensor(gallery_labels, torch.long).to(device)
-    n_queries, n_gallery = queries.shape[0], gallery.shape[0]
-    if query_labels.shape[0] != n_queries or gallery_labels.shape[0] != n_gallery:
-        raise ValueError(
-            f"{n_queries} query features but {query_labels.shape[0]} labels, or "
-            f"{n_gallery} gallery features but {gallery_labels.shape[0]} labels"
-        )
-    if exclude_indices is not None:
-        exclude_indices = _as_tensor(exclude_indices, torch.long).to(device)
-    ks = sorted(set(int(k) for k in ks))
-    if n_queries == 0:
-        return {k: 0.0 for k in ks}
-    max_k = min(ks[-1], n_gallery)
-    if chunk_size is None:
-        chunk_size = max(1, GALLERY_CHUNK_BYTES // (4 * max(n_gallery, 1)))
-    hits = torch.zeros(len(ks), dtype=torch.long, device=device)
-    for start in range(0, n_queries, chunk_size):
-        stop = min(start + chunk_size, n_queries)
-        similarities = queries[start:stop] @ gallery.t()
-        if exclude_indices is not None:
-            excluded = exclude_indices[start:stop]
-            rows = torch.nonzero(excluded >= 0).squeeze(1)
-            similarities[rows, excluded[rows]] = float("-inf")
-        top = similarities.topk(max_k, dim=1).indices
-        match = gallery_labels[top] == query_labels[start:stop, None]
-        if exclude_indices is not None:  # an excluded item can still fill a slot when k >= N
-            match &= top != exclude_indices[start:stop, None]
-        for i, k in enumerate(ks):
-            hits[i] += match[:, :k].any(dim=1).sum()
-    return {k: hits[i].item() / n_queries for i, k in enumerate(ks)}
+    return recall_at_k_label_sets(
+        query_features,
+        gallery_features,
+        {"label": (query_target_labels, gallery_labels)},
+        ks,
+        exclude_indices,
+        chunk_size,
+        backend,
+        faiss_index,
+        precision,
+    )["label"]
 
 
 class _Images(torch.utils.data.Dataset):
@@ -177,6 +581,26 @@ def _label_ids(query_labels: Sequence[str], gallery_labels: Sequence[str]):
     return np.asarray(queries, dtype=np.int64), np.asarray(gallery, dtype=np.int64)
 
 
+def label_views(dataset) -> dict[str, Callable[[str], str]]:
+    """The dataset's extra label views ({} when it offers none), checked."""
+    views = getattr(dataset, "extra_label_views", None)
+    views = views() if callable(views) else {}
+    for name, view in views.items():
+        if name == "label" or not callable(view):
+            raise TypeError(
+                f"{type(dataset).__name__}.extra_label_views() must map names other than "
+                f"'label' to callables (label -> coarser label); got {name!r}: {view!r}"
+            )
+    return dict(views)
+
+
+def qualitative_query_indices(n_queries: int, n: int = QUALITATIVE_QUERIES) -> list[int]:
+    """The fixed test queries shown in the qualitative figure: n evenly spaced positions (the
+    same at every evaluation, so the figure shows progress)."""
+    n = min(n, n_queries)
+    return [int(i) for i in np.linspace(0, n_queries - 1, n, dtype=np.int64)] if n else []
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -188,13 +612,21 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     num_workers: int = 0,
+    ranked_queries: Sequence[int] = (),
+    ranked_k: int = QUALITATIVE_K,
 ) -> dict:
     """Recall@k of ``queries`` against the gallery ``gallery_ids`` of ``dataset``.
 
     A query dict has ``source_img_id``, ``mod['str']`` and ``target_caption``; a hit is a gallery
-    image whose label (``dataset.gallery_labels()``) equals the query's. With ``exclude_source``
-    the query's own source image is removed from its ranking. Returns ``{"recall": {k: frac},
-    "seconds_features": s, "seconds_ranking": s}``.
+    image whose label (``dataset.gallery_labels()``) equals the query's
+    (``dataset.query_label(q)``). With ``exclude_source`` the query's own source image is removed
+    from its ranking. Every image is encoded once (the gallery and, for models that compose
+    pooled features, the query images from the same cache).
+
+    Returns ``{"recall": {k: frac}, "extra_recall": {view: {k: frac}}, "ranked": [...],
+    "seconds_features": s, "seconds_ranking": s}``. ``extra_recall`` has one entry per
+    ``dataset.extra_label_views()``; ``ranked`` has, for each position in ``ranked_queries``, a
+    dict ``{"query_index", "gallery_ids" (top ``ranked_k`` image ids), "correct" (bools)}``.
     """
     was_training = model.training
     model.eval()
@@ -228,51 +660,132 @@ def evaluate(
 
         start = time.perf_counter()
         labels = dataset.gallery_labels()
-        query_labels, gallery_labels = _label_ids(
-            [dataset.query_label(q) for q in queries], [labels[i] for i in gallery_ids]
-        )
+        query_label_names = [dataset.query_label(q) for q in queries]
+        gallery_label_names = [labels[i] for i in gallery_ids]
+        label_sets = {"label": _label_ids(query_label_names, gallery_label_names)}
+        for name, view in label_views(dataset).items():
+            label_sets[name] = _label_ids(
+                [view(x) for x in query_label_names], [view(x) for x in gallery_label_names]
+            )
         exclude = None
         if exclude_source:
             position = {img_id: i for i, img_id in enumerate(gallery_ids)}
             exclude = np.asarray([position.get(s, -1) for s in source_ids], dtype=np.int64)
-        recall = recall_at_k(
-            query_features,
-            gallery_features,
-            query_labels,
-            gallery_labels,
-            ks,
-            exclude_indices=exclude,
+        recalls = recall_at_k_label_sets(
+            query_features, gallery_features, label_sets, ks, exclude_indices=exclude
         )
+        ranked = []
+        if len(ranked_queries):
+            picked = torch.as_tensor(list(ranked_queries), dtype=torch.long)
+            top = top_k_gallery(
+                query_features[picked.to(query_features.device)],
+                gallery_features,
+                ranked_k + (exclude is not None),
+                None if exclude is None else exclude[picked.numpy()],
+            ).cpu()
+            query_labels, gallery_labels = label_sets["label"]
+            for i, q in enumerate(picked.tolist()):
+                listed = [j for j in top[i].tolist() if exclude is None or j != exclude[q]]
+                listed = listed[:ranked_k]
+                ranked.append(
+                    {
+                        "query_index": q,
+                        "gallery_ids": [int(gallery_ids[j]) for j in listed],
+                        "correct": [bool(gallery_labels[j] == query_labels[q]) for j in listed],
+                    }
+                )
         seconds_ranking = time.perf_counter() - start
     finally:
         model.train(was_training)
     return {
-        "recall": recall,
+        "recall": recalls.pop("label"),
+        "extra_recall": recalls,
+        "ranked": ranked,
         "seconds_features": seconds_features,
         "seconds_ranking": seconds_ranking,
     }
 
 
-def test(model, dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> dict:
-    """TIRG's test protocol: every test query against every image of the split."""
-    return evaluate(
-        model,
-        dataset,
-        dataset.get_test_queries(),
-        range(len(dataset.imgs)),
-        exclude_source=True,
-        ks=dataset.recall_ks,
-        batch_size=batch_size,
-        device=device,
-        num_workers=num_workers,
-    )
+def evaluation_groups(dataset) -> list[dict]:
+    """The dataset's test protocol as ``[{name, queries, gallery_ids}]``: its
+    ``evaluation_groups()`` when it has one (FashionIQ: one group per category, each ranked
+    against its own gallery), else TIRG's single group, every test query against every image."""
+    groups = getattr(dataset, "evaluation_groups", None)
+    if callable(groups):
+        return list(groups())
+    everything = range(len(dataset.imgs))
+    return [{"name": "all", "queries": dataset.get_test_queries(), "gallery_ids": everything}]
+
+
+def test(
+    model,
+    dataset,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    ranked_queries: Sequence[int] | None = None,
+) -> dict:
+    """TIRG's test protocol: every test query against every image of the split (the query's own
+    source excluded, unless the dataset's ``exclude_source_in_test`` is False).
+
+    A dataset with several ``evaluation_groups`` (FashionIQ's categories) is ranked group by
+    group; its ``recall`` is then the mean over groups of each R@k (the papers' average) and
+    ``extra_recall`` holds every group's own recall under its name (and ``<group>_<view>`` for
+    label views). ``ranked_queries`` (positions in ``get_test_queries()``; default:
+    ``qualitative_query_indices``) are the queries whose top-10 lists are returned under
+    ``"ranked"``, for the qualitative figure.
+    """
+    queries = dataset.get_test_queries()
+    if ranked_queries is None:
+        ranked_queries = qualitative_query_indices(len(queries))
+    position = {id(q): i for i, q in enumerate(queries)}  # groups hold the same query dicts
+    wanted = set(ranked_queries)
+    exclude_source = getattr(dataset, "exclude_source_in_test", True)
+    results = []
+    for group in evaluation_groups(dataset):
+        group_queries = list(group["queries"])
+        res = evaluate(
+            model,
+            dataset,
+            group_queries,
+            group["gallery_ids"],
+            exclude_source=exclude_source,
+            ks=dataset.recall_ks,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            ranked_queries=[
+                j for j, q in enumerate(group_queries) if position.get(id(q), -1) in wanted
+            ],
+        )
+        for entry in res["ranked"]:
+            entry["query_index"] = position[id(group_queries[entry["query_index"]])]
+        results.append((group["name"], res))
+    if len(results) == 1:
+        return results[0][1]
+    ks = sorted(results[0][1]["recall"])
+    extra = {}
+    for name, res in results:
+        extra[name] = res["recall"]
+        extra.update({f"{name}_{view}": r for view, r in res["extra_recall"].items()})
+    return {
+        "recall": {k: float(np.mean([res["recall"][k] for _, res in results])) for k in ks},
+        "extra_recall": extra,
+        "ranked": sorted(
+            (entry for _, res in results for entry in res["ranked"]),
+            key=lambda entry: entry["query_index"],
+        ),
+        "seconds_features": sum(res["seconds_features"] for _, res in results),
+        "seconds_ranking": sum(res["seconds_ranking"] for _, res in results),
+    }
 
 
 def test_on_training_queries(
     model, dataset, queries: list[dict], batch_size: int, device: torch.device, num_workers: int = 0
 ) -> dict:
     """TIRG's approximation of training accuracy: a fixed sample of training queries ranked
-    against the gallery of their own target images (one entry per query, as TIRG builds it)."""
+    against the gallery of their own target images (one entry per query, as TIRG builds it, so
+    an image that is the target of several queries is listed several times: exact ties)."""
     return evaluate(
         model,
         dataset,

@@ -1,0 +1,250 @@
+"""Recall@k at the Fashion200k test shape: ours (chunked topk) vs TIRG's NumPy argsort loop.
+
+    python benchmarks/bench_recall.py                  # 33,480 x 29,789 x 512, 2 threads
+    python benchmarks/bench_recall.py --baseline_queries 1000 --variants exact tirg_numpy
+
+Random features of the Fashion200k test shape (33,480 queries, 29,789 gallery images, 512-d),
+labels with about 3 gallery items each (the paper's 3 targets per query) and one excluded source
+per query. ``--near_target 5`` makes each query a gallery item plus noise (R@1 about 0.6: close
+races, the bf16 screen's hard case). Each variant runs in its own process on ``--threads``
+threads, so its peak memory is that process's resident-set high-water mark
+(``resource.getrusage``; tracemalloc would miss torch's allocations):
+- ``exact``: ``test_retrieval.recall_at_k`` as evaluation calls it (precision ``auto``: on a CPU
+  with AVX512-BF16 or AMX, a bf16 screen decides the queries whose answer bf16 rounding cannot
+  change and ranks the rest in fp32; the result equals the fp32 one);
+- ``exact_fp32``: the same with ``precision='fp32'`` (chunked fp32 matmul + topk);
+- ``faiss``: the same with ``backend='faiss'`` (an exact ``Flat`` index; only if faiss-cpu is
+  installed);
+- ``tirg_numpy``: TIRG's ``test_retrieval.test`` ranking, one query at a time:
+  ``sims = query.dot(all_imgs.T)``, the source set to -10e10, ``np.argsort(-sims)[:110]``, then
+  recall from the neighbour lists, on the first ``--baseline_queries`` queries, extrapolated
+  linearly to all of them. ``exact`` recomputes recall on that subset to check that both agree.
+Prints one JSON object: wall and CPU seconds (all threads; steadier on a shared machine), peak
+RSS (MB) and its increase after the features were made, and ``exact`` against the targets
+(>= 20x faster than TIRG's loop, peak <= 2 GB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+KS = (1, 10, 50)  # Fashion200k's recalls
+TARGET_SPEEDUP = 20.0
+TARGET_PEAK_MB = 2048.0
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime  # all threads of this process
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+
+
+def make_data(n_queries: int, n_gallery: int, dim: int, near_target: float = 0.0, seed: int = 0):
+    """Features, labels (about 3 gallery items each) and excluded sources. near_target = 0:
+    independent queries (hits are rare and far down); > 0: each query is a random gallery item
+    plus that much Gaussian noise per unit of its scale, and takes that item's label."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    gallery = rng.standard_normal((n_gallery, dim), dtype=np.float32)
+    n_labels = max(1, n_gallery // 3)
+    gallery_labels = rng.integers(0, n_labels, size=n_gallery)
+    if near_target > 0:
+        target = rng.integers(0, n_gallery, size=n_queries)
+        noise = rng.standard_normal((n_queries, dim), dtype=np.float32)
+        queries = gallery[target] + np.float32(near_target) * noise
+        query_labels = gallery_labels[target]
+    else:
+        queries = rng.standard_normal((n_queries, dim), dtype=np.float32)
+        query_labels = rng.integers(0, n_labels, size=n_queries)
+    exclude = rng.integers(0, n_gallery, size=n_queries)
+    return queries, gallery, query_labels, gallery_labels, exclude
+
+
+def tirg_numpy_recall(queries, gallery, query_labels, gallery_labels, exclude, ks):
+    """TIRG's evaluation, as its test_retrieval.test ranks and counts (on integer labels)."""
+    import numpy as np
+
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+    nn_result = []
+    for i in range(queries.shape[0]):
+        sims = queries[i : i + 1, :].dot(gallery.T)
+        sims[0, exclude[i]] = -10e10  # remove the query image
+        nn_result.append(np.argsort(-sims[0, :])[:110])
+    nn_labels = [[gallery_labels[nn] for nn in nns] for nns in nn_result]
+    out = {}
+    for k in ks:
+        hits = sum(1 for i, nns in enumerate(nn_labels) if query_labels[i] in nns[:k])
+        out[k] = hits / len(nn_labels)
+    return out
+
+
+def worker(opts) -> dict:
+    """One variant in this process; returns its measurements."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(opts.threads)
+    sys.path.insert(0, ROOT)
+    import test_retrieval
+
+    data = make_data(opts.queries, opts.gallery, opts.dim, opts.near_target)
+    queries, gallery, query_labels, gallery_labels, exclude = data
+    before = peak_rss_mb()
+    cpu_before = cpu_seconds()
+    out = {"variant": opts.worker, "threads": opts.threads}
+    if opts.worker in ("exact", "exact_fp32", "faiss"):
+        kwargs = {
+            "exact": {},  # precision "auto": the bf16 screen on CPUs with AVX512-BF16 or AMX
+            "exact_fp32": {"precision": "fp32"},
+            "faiss": {"backend": "faiss"},
+        }[opts.worker]
+        if opts.worker == "faiss":
+            import faiss
+
+            faiss.omp_set_num_threads(opts.threads)
+        start = time.perf_counter()
+        recall = test_retrieval.recall_at_k(
+            queries, gallery, query_labels, gallery_labels, KS, exclude, **kwargs
+        )
+        out["seconds"] = time.perf_counter() - start
+        out["cpu_seconds"] = cpu_seconds() - cpu_before
+        out["recall"] = recall
+        subset = slice(0, opts.baseline_queries)
+        out["recall_subset"] = test_retrieval.recall_at_k(
+            queries[subset], gallery, query_labels[subset], gallery_labels, KS, exclude[subset],
+            **kwargs,
+        )  # fmt: skip
+    elif opts.worker == "tirg_numpy":
+        n = opts.baseline_queries
+        start = time.perf_counter()
+        recall = tirg_numpy_recall(
+            queries[:n], gallery, query_labels[:n], gallery_labels, exclude[:n], KS
+        )
+        seconds = time.perf_counter() - start
+        cpu = cpu_seconds() - cpu_before
+        out.update(
+            cpu_seconds_subset=cpu,
+            cpu_seconds=cpu * opts.queries / n,
+            seconds_subset=seconds,
+            subset_queries=n,
+            seconds=seconds * opts.queries / n,
+            extrapolated=n < opts.queries,
+            recall_subset=recall,
+        )
+    else:
+        raise ValueError(opts.worker)
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["rss_increase_mb"] = out["peak_rss_mb"] - before
+    out["features_mb"] = (queries.nbytes + gallery.nbytes) / 2**20
+    del np
+    return out
+
+
+def _bf16_screen_available() -> bool:
+    sys.path.insert(0, ROOT)
+    import torch
+
+    import test_retrieval
+
+    return test_retrieval._use_bf16_screen("auto", torch.device("cpu"), "exact", 10**6, 50)
+
+
+def run_variant(variant: str, opts) -> dict:
+    env = dict(os.environ)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(opts.threads)  # NumPy's BLAS too: TIRG's loop gets the same cores
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant]
+    for name in ("queries", "gallery", "dim", "threads", "baseline_queries", "near_target"):
+        cmd += [f"--{name}", str(getattr(opts, name))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return {"variant": variant, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=33480)
+    p.add_argument("--gallery", type=int, default=29789)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--baseline_queries", type=int, default=500, help="TIRG loop subset size")
+    p.add_argument(
+        "--near_target",
+        type=float,
+        default=0.0,
+        help="0: independent random queries; >0: queries = a gallery item + this much noise",
+    )
+    p.add_argument(
+        "--variants", nargs="+", default=["exact", "exact_fp32", "faiss", "tirg_numpy"],
+        choices=["exact", "exact_fp32", "faiss", "tirg_numpy"],
+    )  # fmt: skip
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    opts.baseline_queries = min(opts.baseline_queries, opts.queries)
+    if opts.worker:
+        print(json.dumps(worker(opts)))
+        return None
+    variants = []
+    for variant in opts.variants:
+        if variant == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                variants.append({"variant": "faiss", "skipped": "faiss-cpu is not installed"})
+                continue
+        print(f"running {variant} ...", file=sys.stderr, flush=True)
+        variants.append(run_variant(variant, opts))
+    by_name = {v["variant"]: v for v in variants}
+    result = {
+        "benchmark": "recall_at_k at the Fashion200k test shape",
+        "shape": {"queries": opts.queries, "gallery": opts.gallery, "dim": opts.dim},
+        "near_target": opts.near_target,
+        "bf16_screen": _bf16_screen_available(),
+        "ks": list(KS),
+        "threads": opts.threads,
+        "variants": variants,
+    }
+    exact, tirg = by_name.get("exact", {}), by_name.get("tirg_numpy", {})
+    if "seconds" in exact and "seconds" in tirg:
+        speedup = tirg["seconds"] / exact["seconds"]
+        result["speedup_exact_vs_tirg_numpy"] = speedup
+        # CPU time (all threads) is steadier than wall time on a shared machine
+        result["cpu_time_ratio_tirg_numpy_to_exact"] = tirg["cpu_seconds"] / exact["cpu_seconds"]
+        result["exact_agrees_with_tirg_on_subset"] = exact["recall_subset"] == tirg["recall_subset"]
+        result["targets"] = {
+            "speedup>=20x (wall clock)": speedup >= TARGET_SPEEDUP,
+            "speedup>=20x (cpu time)": result["cpu_time_ratio_tirg_numpy_to_exact"]
+            >= TARGET_SPEEDUP,
+            "peak<=2GB": exact["peak_rss_mb"] <= TARGET_PEAK_MB,
+        }
+    fp32 = by_name.get("exact_fp32", {})
+    if "seconds" in exact and "seconds" in fp32:
+        result["fp32_cpu_seconds_ratio_to_exact"] = fp32["cpu_seconds"] / exact["cpu_seconds"]
+        result["exact_agrees_with_fp32"] = fp32["recall"] == exact["recall"]
+    if "seconds" in fp32 and "seconds" in tirg:
+        result["speedup_fp32_vs_tirg_numpy"] = tirg["seconds"] / fp32["seconds"]
+        result["cpu_time_ratio_tirg_numpy_to_fp32"] = tirg["cpu_seconds"] / fp32["cpu_seconds"]
+    faiss_result = by_name.get("faiss", {})
+    if "seconds" in exact and "seconds" in faiss_result:
+        result["faiss_seconds_ratio_to_exact"] = faiss_result["seconds"] / exact["seconds"]
+        result["faiss_agrees_with_exact"] = faiss_result["recall"] == exact["recall"]
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
