@@ -5,11 +5,11 @@ import copy
 import json
 import math
 import os
-import struct
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tb_events import read_scalars
 
 import gradient_augmentation as ga
 import img_text_composition_models
@@ -87,26 +87,6 @@ def reference_data_loss(out, args):
     if args.sim_weight:
         loss = loss + args.sim_weight * ((query - target) ** 2).mean()
     return loss
-
-
-def read_scalars(run_dir):
-    """{tag: [values]} from the run's TensorBoard event files (TFRecord framing)."""
-    from tensorboardX.proto import event_pb2
-
-    scalars = {}
-    for name in sorted(os.listdir(run_dir)):
-        if not name.startswith("events.out.tfevents"):
-            continue
-        with open(os.path.join(run_dir, name), "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append(value.simple_value)
-    return scalars
 
 
 # --------------------------------------------------------------------------- L_S

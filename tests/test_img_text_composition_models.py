@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from tb_events import read_scalars
 
 import img_text_composition_models as models
 import main
@@ -33,20 +34,7 @@ def texts(batch: int) -> list[str]:
 
 
 def scalar_tags(run_dir) -> set[str]:
-    """Scalar tags of a run's TensorBoard event files (TFRecord framing: length, crc, data, crc)."""
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    for name in os.listdir(run_dir):
-        if name.startswith("events.out.tfevents"):
-            data = (run_dir / name).read_bytes()
-            pos = 0
-            while pos < len(data):
-                length = int.from_bytes(data[pos : pos + 8], "little")
-                event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-                tags.update(v.tag for v in event.summary.value)
-                pos += 12 + length + 4
-    return tags
+    return set(read_scalars(run_dir))
 
 
 @pytest.fixture(scope="session")

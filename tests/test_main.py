@@ -2,31 +2,12 @@
 
 import json
 import os
-import struct
 
 import pytest
 import torch
+from tb_events import read_scalars
 
 import main
-
-
-def read_event_tags(run_dir):
-    """Scalar tags in the run's TensorBoard event files, read from the TFRecord framing."""
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    for name in os.listdir(run_dir):
-        if not name.startswith("events.out.tfevents"):
-            continue
-        with open(os.path.join(run_dir, name), "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos : pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-            pos += 12 + length + 4
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 def small_run_args(tmp_path, *extra, log_dir=None):
@@ -85,7 +66,7 @@ def test_end_to_end_writes_metrics_checkpoints_and_tensorboard(tmp_path, capsys)
         state = torch.load(os.path.join(run_dir, name), weights_only=True)
         assert state["args"]["model"] == "tirg" and "optimizer" in state
     assert torch.load(os.path.join(run_dir, "latest.pt"), weights_only=True)["iteration"] == 6
-    tags = read_event_tags(run_dir)
+    tags = set(read_scalars(run_dir))
     assert {
         "train/total",
         "train/ce",
