@@ -627,11 +627,12 @@ def plot(results: list[dict], opts, path: str) -> str:
             ax.bar([x + 0.2 for x in xs], paper, width=0.4, label="paper: avg", alpha=0.7)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["label"] for r in results], rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 118)  # room for the legend above 100%
     synthetic = " (SYNTHETIC CSS: not comparable)" if any(r["synthetic"] for r in results) else ""
     ax.set_title(f"{opts.table}, {opts.dataset}, {opts.num_iters} it{synthetic}", fontsize=10)
     ax.set_ylabel("recall (%)")
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
