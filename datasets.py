@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import random
+import signal
 import warnings
 
 import numpy as np
@@ -119,6 +120,21 @@ def to_uint8_tensor(img) -> torch.Tensor:
     """PIL image or (H, W, 3) uint8 array -> (3, H, W) uint8 tensor, normalized later per batch."""
     array = np.array(img, dtype=np.uint8)  # a writable copy
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader worker setup (training and evaluation). Training queries are a function of
+    (seed, index), so workers need no seeding; each decodes on one thread, leaving the cores to
+    the model.
+
+    Workers ignore SIGINT and SIGTERM: Ctrl-C, ``timeout`` and batch schedulers signal the whole
+    process group, and a worker killed mid-step would abort the main process before it could
+    finish the step and write its checkpoint. The main process stops its workers when it is
+    done, and they exit on their own if it dies.
+    """
+    torch.set_num_threads(1)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def collate_queries(items: list[dict]) -> dict:

@@ -279,7 +279,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--log_every", type=int, default=10, help="write training scalars every N iterations"
     )
-    g.add_argument("--comment", default="test_notebook")
+    g.add_argument(
+        "--comment",
+        default=None,
+        help="run name; default <dataset>_<model>[_ga] (TIRG's default was test_notebook)",
+    )
     g.add_argument("--log_dir", default="./logs")
     add_bool(g, "--test_only", False, "only evaluate --model_checkpoint")
     g.add_argument("--model_checkpoint", default=None)
@@ -300,6 +304,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     resolve_ga_args(p, args)
+    if args.comment is None:
+        args.comment = f"{args.dataset}_{args.model}" + ("_ga" if args.ga else "")
     if args.pretrained is None:
         args.pretrained = args.dataset != "css3d"
     if args.test_only and not args.model_checkpoint:
@@ -1030,12 +1036,6 @@ def truncate_metrics(run_dir: str, iteration: int) -> None:
     os.replace(tmp, path)
 
 
-def worker_init(worker_id: int) -> None:
-    """DataLoader worker setup. Training queries are a function of (seed, index), so workers
-    need no seeding; each decodes on one thread, leaving the cores to the model."""
-    torch.set_num_threads(1)
-
-
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped training after a step; a checkpoint of that step was written."""
 
@@ -1166,7 +1166,7 @@ def train(
         ),
         num_workers=args.loader_num_workers,
         collate_fn=datasets.collate_queries,
-        worker_init_fn=worker_init,
+        worker_init_fn=datasets.worker_init,
         pin_memory=device.type == "cuda",
         persistent_workers=args.loader_num_workers > 0,
         prefetch_factor=4 if args.loader_num_workers > 0 else None,
@@ -1175,11 +1175,14 @@ def train(
     totals: dict[str, float] = {}
     result = None
     model.train()
+    # Shown on a terminal as usual; in a log file (nohup, a batch job) refreshed every 30 s, so
+    # the log shows progress without a line per step.
     progress = tqdm(
         total=len(loader),
         desc="train",
         dynamic_ncols=True,
-        disable=None if context.is_main else True,
+        disable=not context.is_main,
+        mininterval=0.1 if sys.stderr.isatty() else 30.0,
     )
     iteration = start_iteration
     with StopOnSignal() as stop, progress:
@@ -1212,7 +1215,9 @@ def train(
                     for name, value in totals.items():
                         run.writer.add_scalar(f"train/{name}", value / count, iteration)
                     run.writer.add_scalar("train/lr", lr, iteration)
-                progress.set_postfix(loss=f"{totals['total'] / count:.4f}", lr=f"{lr:.1e}")
+                progress.set_postfix(
+                    loss=f"{totals['total'] / count:.4f}", lr=f"{lr:.1e}", refresh=False
+                )
                 totals = {}
             evaluate = iteration % args.eval_every == 0 or iteration == args.num_iters
             periodic = args.checkpoint_every and iteration % args.checkpoint_every == 0

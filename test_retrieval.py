@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasets import worker_init
 from torch_function import normalize_images
 
 GALLERY_CHUNK_BYTES = 256 * 2**20
@@ -512,6 +513,7 @@ def encode_images(
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=worker_init,
     )
     features = [
         model.extract_img_feature(normalize_images(images.to(device, non_blocking=True)))
@@ -546,6 +548,7 @@ def compose_queries(
             shuffle=False,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
+            worker_init_fn=worker_init,
         )
         for b, images in enumerate(
             tqdm(loader, desc="compose queries", leave=False, disable=len(loader) < 2)

@@ -9,8 +9,11 @@ in the same process and interleaved, a re-creation of the public GA code's train
 written: its ``--model tirg`` is TIRGLastConv; it renders each CSS image in float64 with per-row
 Python loops and applies ToTensor + Normalize per image on the main process; its LSTM gathers
 the last output with a Python loop per sample; it uses one parameter group; and it switches
-``torch.autograd.set_detect_anomaly(True)`` on inside every step. Numbers are seconds per
-iteration (median of the repetitions) and ratios ours / public.
+``torch.autograd.set_detect_anomaly(True)`` on inside every step (here only around backward;
+the public code leaves it on globally, which also slows its forward, so this errs in its
+favour). Beside it: the same public pipeline with the plain TIRG model, and a bare ResNet-18
+forward+backward of the two batches (the floor). Numbers are seconds per iteration (median of
+the repetitions) and ratios to the public step as written.
 """
 
 from __future__ import annotations
@@ -93,14 +96,15 @@ class PublicStyleLSTM(torch.nn.Module):
         return m.fc_output(last)
 
 
-def public_step_factory(trainset, batch_size):
+def public_step_factory(trainset, batch_size, model_class="TIRGLastConv"):
+    """The public step; ``model_class`` TIRGLastConv is what its ``--model tirg`` builds."""
     import torchvision
 
     import img_text_composition_models as models
     import text_model
 
     lstm = text_model.TextLSTMModel(trainset.get_all_texts(), 512, 512)
-    model = models.TIRGLastConv(PublicStyleLSTM(lstm), embed_dim=512)
+    model = getattr(models, model_class)(PublicStyleLSTM(lstm), embed_dim=512)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-6)
     transform = torchvision.transforms.Compose(
         [
@@ -144,6 +148,20 @@ def public_step_factory(trainset, batch_size):
     return step
 
 
+def resnet_floor_factory(batch_size):
+    """A bare ResNet-18 forward+backward of a source and a target batch: the floor to approach."""
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=512)
+    images = torch.randn(batch_size, 3, 64, 64)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        (net(images).sum() + net(images).sum()).backward()
+
+    return step
+
+
 def our_step_factory(trainset, batch_size, model_name, workers, precision="fp32"):
     args = main.parse_args(
         ["--model", model_name, "--batch_size", str(batch_size), "--precision", precision]
@@ -156,7 +174,7 @@ def our_step_factory(trainset, batch_size, model_name, workers, precision="fp32"
         sampler=range(10**9),
         num_workers=workers,
         collate_fn=datasets.collate_queries,
-        worker_init_fn=main.worker_init,
+        worker_init_fn=datasets.worker_init,
         persistent_workers=workers > 0,
     )
     iterator = iter(loader)
@@ -175,6 +193,8 @@ def bench_step(args):
     trainset = datasets.CSSDataset(full_css_path(), "train", transform=datasets.to_uint8_tensor)
     variants = {
         "public_ga_code_step": public_step_factory(trainset, args.batch_size),
+        "public_pipeline_with_tirg_model": public_step_factory(trainset, args.batch_size, "TIRG"),
+        "resnet18_fwd_bwd_floor": resnet_floor_factory(args.batch_size),
         "ours_tirg_workers0": our_step_factory(trainset, args.batch_size, "tirg", 0),
         "ours_tirg_workers2": our_step_factory(trainset, args.batch_size, "tirg", 2),
         "ours_tirg_lastconv_workers0": our_step_factory(

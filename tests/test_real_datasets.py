@@ -505,7 +505,7 @@ def test_images_found_bad_in_loader_workers_are_counted_in_the_main_process(mit_
     ds = datasets.MITStates(mit_dir, "train", transform())
     loader = torch.utils.data.DataLoader(
         ds, batch_size=8, sampler=range(160), num_workers=2,
-        collate_fn=datasets.collate_queries, worker_init_fn=main.worker_init,
+        collate_fn=datasets.collate_queries, worker_init_fn=datasets.worker_init,
         persistent_workers=True, prefetch_factor=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", datasets.BadImageWarning)

@@ -185,6 +185,34 @@ def test_sigterm_to_a_subprocess_then_resume_matches_uninterrupted(data_dir, tmp
     assert read(os.path.join(run_dir, "metrics.jsonl")) == read(os.path.join(ref, "metrics.jsonl"))
 
 
+def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(data_dir, tmp_path):
+    """``timeout``, Slurm and Ctrl-C signal the whole process group, DataLoader workers included:
+    the workers must survive so that the main process finishes the step, writes latest.pt and
+    exits 143 (a killed worker used to abort the step with a DataLoader error)."""
+    log_dir = tmp_path / "group"
+    argv = run_argv(data_dir, log_dir, "--num_iters", "400", "--eval_every", "2")
+    argv[argv.index("--loader_num_workers") + 1] = "2"
+    process = subprocess.Popen(
+        [sys.executable, "main.py", *argv, "--checkpoint_every", "0"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as under ``timeout`` or a scheduler
+    )
+    # Training and evaluation loaders both have workers by now.
+    wait_for(lambda: 4 in metrics_iterations(log_dir), process, what="the second evaluation")
+    os.killpg(process.pid, signal.SIGTERM)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert "DataLoader worker" not in out, out
+    (run_dir,) = run_dirs(log_dir)
+    state = torch.load(os.path.join(run_dir, "latest.pt"), weights_only=True)
+    assert 0 < state["iteration"] < 400
+    assert f"interrupted by SIGTERM at iteration {state['iteration']}" in out
+
+
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_auto_ends_with_identical_metrics(tmp_path):
     """The brief's scenario: the small synthetic CSS, batch 8, 12 iterations evaluated every 4,
