@@ -22,7 +22,10 @@ threads, so its peak memory is that process's resident-set high-water mark
   memory of the full Q x N matrix, 3.7 GB at this shape); the gallery normalization is a fixed
   cost. ``exact`` recomputes recall on that subset to check that both agree;
 - ``tirg_numpy_rowwise``: the same one query at a time (a matrix-vector product per query and
-  no Q x N matrix, as the brief for this benchmark describes TIRG's loop).
+  no Q x N matrix, as the brief for this benchmark describes TIRG's loop);
+- ``matmul_floor``: only the Q x N similarity products, in the chunks and the precision
+  ``exact`` uses (bf16 where the screen runs), nothing else: no exact method can beat it, so
+  TIRG's time over it bounds the speed-up any exact ``recall_at_k`` could reach here.
 Prints one JSON object: wall and CPU seconds (all threads; steadier on a shared machine), peak
 RSS (MB) and its increase after the features were made, and ``exact`` against the targets
 (>= 20x faster than TIRG's loop, peak <= 2 GB).
@@ -43,7 +46,7 @@ ROOT = os.path.dirname(HERE)
 KS = (1, 10, 50)  # Fashion200k's recalls
 TARGET_SPEEDUP = 20.0
 TARGET_PEAK_MB = 2048.0
-VARIANTS = ["exact", "exact_fp32", "faiss", "tirg_numpy", "tirg_numpy_rowwise"]
+VARIANTS = ["exact", "exact_fp32", "faiss", "tirg_numpy", "tirg_numpy_rowwise", "matmul_floor"]
 
 
 def cpu_seconds() -> float:
@@ -87,6 +90,21 @@ def tirg_normalize_gallery(gallery):
     return all_imgs
 
 
+def tirg_recall_from_lists(nn_result, query_labels, gallery_labels, ks):
+    """TIRG's recall: captions of the listed items, then a membership test per query and k."""
+    all_captions = [str(label) for label in gallery_labels]
+    all_target_captions = [str(label) for label in query_labels]
+    nn_result = [[all_captions[nn] for nn in nns] for nns in nn_result]
+    out = {}
+    for k in ks:
+        r = 0.0
+        for i, nns in enumerate(nn_result):
+            if all_target_captions[i] in nns[:k]:
+                r += 1
+        out[k] = r / len(nn_result)
+    return out
+
+
 def tirg_numpy_recall(queries, all_imgs, query_labels, gallery_labels, exclude, ks):
     """google/tirg's test_retrieval.test from the normalized gallery on: the queries normalized
     row by row, the full (Q, N) similarity matrix, the source set to -10e10, one
@@ -100,17 +118,7 @@ def tirg_numpy_recall(queries, all_imgs, query_labels, gallery_labels, exclude, 
     for i in range(len(exclude)):
         sims[i, exclude[i]] = -10e10  # remove query image
     nn_result = [np.argsort(-sims[i, :])[:110] for i in range(sims.shape[0])]
-    all_captions = [str(label) for label in gallery_labels]
-    all_target_captions = [str(label) for label in query_labels]
-    nn_result = [[all_captions[nn] for nn in nns] for nns in nn_result]
-    out = {}
-    for k in ks:
-        r = 0.0
-        for i, nns in enumerate(nn_result):
-            if all_target_captions[i] in nns[:k]:
-                r += 1
-        out[k] = r / len(nn_result)
-    return out
+    return tirg_recall_from_lists(nn_result, query_labels, gallery_labels, ks)
 
 
 def tirg_numpy_rowwise_recall(queries, all_imgs, query_labels, gallery_labels, exclude, ks):
@@ -126,17 +134,7 @@ def tirg_numpy_rowwise_recall(queries, all_imgs, query_labels, gallery_labels, e
         sims = all_queries[i : i + 1, :].dot(all_imgs.T)
         sims[0, exclude[i]] = -10e10  # remove query image
         nn_result.append(np.argsort(-sims[0, :])[:110])
-    all_captions = [str(label) for label in gallery_labels]
-    all_target_captions = [str(label) for label in query_labels]
-    nn_result = [[all_captions[nn] for nn in nns] for nns in nn_result]
-    out = {}
-    for k in ks:
-        r = 0.0
-        for i, nns in enumerate(nn_result):
-            if all_target_captions[i] in nns[:k]:
-                r += 1
-        out[k] = r / len(nn_result)
-    return out
+    return tirg_recall_from_lists(nn_result, query_labels, gallery_labels, ks)
 
 
 def worker(opts) -> dict:
@@ -174,6 +172,18 @@ def worker(opts) -> dict:
             queries[subset], gallery, query_labels[subset], gallery_labels, KS, exclude[subset],
             **kwargs,
         )  # fmt: skip
+    elif opts.worker == "matmul_floor":
+        queries_t = torch.nn.functional.normalize(torch.from_numpy(queries), dim=1)
+        gallery_t = torch.nn.functional.normalize(torch.from_numpy(gallery), dim=1)
+        dtype = torch.bfloat16 if _bf16_screen_available() else torch.float32
+        queries_t, gallery_t = queries_t.to(dtype), gallery_t.to(dtype)
+        chunk = test_retrieval._default_chunk_size(opts.gallery)
+        start = time.perf_counter()
+        for row in range(0, opts.queries, chunk):
+            queries_t[row : row + chunk] @ gallery_t.t()
+        out["seconds"] = time.perf_counter() - start
+        out["cpu_seconds"] = cpu_seconds() - cpu_before
+        out["dtype"] = str(dtype)
     elif opts.worker in ("tirg_numpy", "tirg_numpy_rowwise"):
         n = opts.baseline_queries
         start = time.perf_counter()
@@ -286,6 +296,10 @@ def main(argv=None):
             "speedup>=20x (cpu time)": result[f"cpu_time_ratio_{name}_to_exact"] >= TARGET_SPEEDUP,
             "peak<=2GB": exact["peak_rss_mb"] <= TARGET_PEAK_MB,
         }
+    floor = by_name.get("matmul_floor", {})
+    tirg = by_name.get("tirg_numpy", {})
+    if "seconds" in floor and "seconds" in tirg:
+        result["max_speedup_vs_tirg_numpy_at_matmul_floor"] = tirg["seconds"] / floor["seconds"]
     fp32 = by_name.get("exact_fp32", {})
     if "seconds" in exact and "seconds" in fp32:
         result["fp32_cpu_seconds_ratio_to_exact"] = fp32["cpu_seconds"] / exact["cpu_seconds"]

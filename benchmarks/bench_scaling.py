@@ -38,18 +38,12 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_ga import TEXTS  # noqa: E402
+
 import datasets  # noqa: E402
 import distributed  # noqa: E402
 import main  # noqa: E402
 
-TEXTS = [
-    "make circle small",
-    "add small red circle to top-center",
-    "remove red object",
-    "make middle-left small gray object large",
-    "make triangle blue",
-    "add large cyan rectangle to bottom-right",
-]
 GA_FLAGS = ["--ga"]  # L_S + L_GA^A (pixels) + L_GA^I at the paper's values
 # name: (processes, threads per process)
 CPU_CONFIGS = {"1proc_1thread": (1, 1), "1proc_2threads": (1, 2), "2proc_1thread": (2, 1)}
