@@ -1177,12 +1177,14 @@ def train(
     model.train()
     # Shown on a terminal as usual; in a log file (nohup, a batch job) refreshed every 30 s, so
     # the log shows progress without a line per step.
+    refresh = 0.1 if sys.stderr.isatty() else 30.0
     progress = tqdm(
         total=len(loader),
         desc="train",
         dynamic_ncols=True,
         disable=not context.is_main,
-        mininterval=0.1 if sys.stderr.isatty() else 30.0,
+        mininterval=refresh,
+        maxinterval=max(refresh, 10.0),  # tqdm's monitor thread refreshes at this interval
     )
     iteration = start_iteration
     with StopOnSignal() as stop, progress:
