@@ -100,6 +100,17 @@ def _gradient_node(tensor: torch.Tensor | None):
     return torch.autograd.graph.get_gradient_edge(tensor).node
 
 
+def _first_order_mask(ctx, want_x: bool) -> list[bool]:
+    """Which of (input, weight, bias) gradients a conv/batch-norm backward kernel must compute:
+    the input's when asked for and not already built differentiably, the parameters' only when
+    this backward pass will use them."""
+    return [
+        want_x,
+        ctx.needs_input_grad[1] and _engine_will_compute(ctx.weight_node),
+        ctx.needs_input_grad[2] and _engine_will_compute(ctx.bias_node),
+    ]
+
+
 class _Conv2dInputGrad(torch.autograd.Function):
     """dL/dx of conv2d as a differentiable function of (dL/dy, weight)."""
 
@@ -151,11 +162,7 @@ class _Conv2d(torch.autograd.Function):
         if want_x and torch.is_grad_enabled():  # create_graph: dL/dx must be differentiable
             grad_x = _Conv2dInputGrad.apply(grad_output, x, weight, ctx.conf)
             want_x = False
-        mask = [
-            want_x,
-            ctx.needs_input_grad[1] and _engine_will_compute(ctx.weight_node),
-            ctx.needs_input_grad[2] and _engine_will_compute(ctx.bias_node),
-        ]
+        mask = _first_order_mask(ctx, want_x)
         grad_weight = grad_bias = None
         if any(mask):
             bias_sizes = [weight.shape[0]] if ctx.has_bias else None
@@ -238,11 +245,7 @@ class _BatchNorm2d(torch.autograd.Function):
         if want_x and torch.is_grad_enabled():
             grad_x = _BatchNormInputGrad.apply(grad_output, x, weight, mean, invstd, ctx.eps)
             want_x = False
-        mask = [
-            want_x,
-            ctx.needs_input_grad[1] and _engine_will_compute(ctx.weight_node),
-            ctx.needs_input_grad[2] and _engine_will_compute(ctx.bias_node),
-        ]
+        mask = _first_order_mask(ctx, want_x)
         grad_weight = grad_bias = None
         if any(mask):
             gx, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(

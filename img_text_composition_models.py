@@ -316,6 +316,17 @@ class ComplexProjection(torch.nn.Module):
         return {"x": x, "delta": delta, "real": real, "imag": imag}
 
 
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> torch.nn.Sequential:
+    """ComposeAE's mapping/decoder block: BatchNorm, ReLU, Linear, ReLU, Linear."""
+    return torch.nn.Sequential(
+        BatchNorm1dAnyBatch(in_dim),
+        torch.nn.ReLU(),
+        torch.nn.Linear(in_dim, hidden_dim),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden_dim, out_dim),
+    )
+
+
 class ComposeAE(ImgTextCompositionBase):
     """ComposeAE (Anwaar, Labintcev and Kleinsteuber, WACV 2021), following the public code.
 
@@ -360,37 +371,13 @@ class ComposeAE(ImgTextCompositionBase):
         self.a = torch.nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))
         self.projection_linear = ComplexProjection(e, t)
         self.projection_conv = ComplexProjection(e, t)
-        self.mapping_linear = torch.nn.Sequential(
-            BatchNorm1dAnyBatch(2 * e),
-            torch.nn.ReLU(),
-            torch.nn.Linear(2 * e, e),
-            torch.nn.ReLU(),
-            torch.nn.Linear(e, e),
-        )
+        self.mapping_linear = _mlp(2 * e, e, e)
         conv_out = self.CONV_CHANNELS * self.CONV_POSITIONS
         self.conv = torch.nn.Conv1d(5, self.CONV_CHANNELS, kernel_size=3, padding=1)
         self.conv_pool = torch.nn.AdaptiveMaxPool1d(self.CONV_POSITIONS)
-        self.mapping_conv = torch.nn.Sequential(
-            BatchNorm1dAnyBatch(conv_out),
-            torch.nn.ReLU(),
-            torch.nn.Linear(conv_out, e),
-            torch.nn.ReLU(),
-            torch.nn.Linear(e, e),
-        )
-        self.image_decoder = torch.nn.Sequential(
-            BatchNorm1dAnyBatch(e),
-            torch.nn.ReLU(),
-            torch.nn.Linear(e, e),
-            torch.nn.ReLU(),
-            torch.nn.Linear(e, e),
-        )
-        self.text_decoder = torch.nn.Sequential(
-            BatchNorm1dAnyBatch(e),
-            torch.nn.ReLU(),
-            torch.nn.Linear(e, t),
-            torch.nn.ReLU(),
-            torch.nn.Linear(t, t),
-        )
+        self.mapping_conv = _mlp(conv_out, e, e)
+        self.image_decoder = _mlp(e, e, e)
+        self.text_decoder = _mlp(e, t, t)
 
     def compose_img_text_features(self, img_features, text_features, conjugate: bool = False):
         """(B, embed_dim), (B, text_dim) -> theta (B, embed_dim); conjugate: rotate by -delta."""
