@@ -281,9 +281,9 @@ def plot_whm_vs_alpha(rows: list[dict], path: str, alpha: float = 0.5) -> str:
     ax.set_title("WHM vs α")
     ax.set_xlim(0, 5)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    # Below the axes: with several runs a legend inside covers the curves.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
+    fig.savefig(path, bbox_inches="tight")  # the figure grows to hold the legend
     plt.close(fig)
     return path
 
