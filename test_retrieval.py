@@ -22,7 +22,9 @@ bound on the rounding error (``_screen_error_bound``) tells which queries' hits 
 cannot change, by counting the items above two thresholds around the best hit's score
 (``_screen_chunk``: no sort); close races are settled from the fp32 similarities of their few
 candidates (``_settle_by_candidates``), and any query still open is ranked again in fp32, so
-the recall equals the fp32 path's (``precision='fp32'``) exactly.
+the recall equals the fp32 path's (``precision='fp32'``) exactly. A query whose hits rank far
+down is settled from a sample of the gallery alone (``_sample_misses``): if the sample already
+holds k_max items surely above every hit, the rest of the gallery need not be scored.
 
 Label views. A dataset may offer ``extra_label_views() -> {name: view}``, where ``view`` maps a
 label (``gallery_labels()[i]`` or ``query_label(q)``, strings) to a coarser label. ``evaluate``
@@ -255,6 +257,12 @@ def _cpu_has_fast_bf16() -> bool:
 # rounds to at least 256), so it decides recall@k for k up to this.
 SCREEN_K_MAX = 255
 SCREEN_MIN_GALLERY = 64  # below this the fp32 ranking is as cheap
+# The sample pass (``_sample_misses``) scores every SAMPLE_STRIDE-th gallery item first; it runs
+# where the sample holds at least SAMPLE_MIN_PER_K items per place of the largest k, and stops
+# for the remaining chunks once it settles fewer than SAMPLE_MIN_SETTLED of a chunk's rows.
+SAMPLE_STRIDE = 16
+SAMPLE_MIN_PER_K = 4
+SAMPLE_MIN_SETTLED = 0.1
 
 
 def _use_bf16_screen(precision: str, device: torch.device, backend: str, n_gallery: int, k_max):
@@ -304,6 +312,8 @@ class _BF16Gallery:
         self.norm_max = self.norms.max()
         probes = torch.linspace(0, n - 1, min(n, self.PROBES), device=gallery.device).long()
         self.probes = centered[probes]
+        self.sample_stride = SAMPLE_STRIDE
+        self.sample = self.features[:: self.sample_stride].contiguous()  # see _sample_misses
 
     def round_queries(self, queries: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """(C, D) fp32 and their row offsets c (C,) -> (C, D + 1) bf16: [q, -c]."""
@@ -394,11 +404,12 @@ def _bf16_bits(threshold: torch.Tensor, direction: str) -> torch.Tensor:
 
 
 class _ScreenBuffers:
-    """The reused (C, N) similarity and mask matrices of the screen, and the ones it counts with."""
+    """The reused (C, N) similarity and mask matrices of the screen, and the ones it counts with;
+    ``sample``: the same for the gallery sample (``_sample_misses``), None where it is not used."""
 
-    def __init__(self, rows: int, gallery: _BF16Gallery):
-        features = gallery.features
+    def __init__(self, rows: int, features: torch.Tensor, sample: torch.Tensor | None = None):
         device = features.device
+        self.sample = None if sample is None else _ScreenBuffers(rows, sample)
         self.similarities = _similarity_buffer(rows, features)
         self.mask = torch.empty(self.similarities.shape, dtype=torch.int16, device=device)
         n = features.shape[0]
@@ -480,6 +491,14 @@ def _settle_by_candidates(
     return certain_in, certain_out
 
 
+def _pairs_of(row_subset: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, n_rows: int):
+    """The (row, item) pairs whose row is in ``row_subset``, renumbered by their place in it."""
+    position = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
+    position[row_subset] = torch.arange(len(row_subset), device=rows.device)
+    listed = position[rows] >= 0
+    return position[rows[listed]], items[listed]
+
+
 def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, buffers=None):
     """Decide recall@k from bfloat16 scores wherever the rounding cannot change the answer.
 
@@ -499,48 +518,171 @@ def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, buffers=N
     (preceded by non-hits only, all of them above that hit) is in the top k. The offsets put b
     a few E_i above 0, so that both thresholds are positive and their counts run on the int16
     bit patterns; a row where a threshold is not positive, or a k neither test settles (after
-    ``_settle_by_candidates``), is uncertain and is ranked again in fp32.
+    ``_settle_by_candidates``), is uncertain and is ranked again in fp32. With
+    ``buffers.sample`` set, rows that the gallery sample alone shows to miss every k
+    (``_sample_misses``) are settled before the whole gallery is scored.
     """
     n_rows = queries.shape[0]
     device = queries.device
-    buffers = buffers or _ScreenBuffers(n_rows, gallery)
+    buffers = buffers or _ScreenBuffers(n_rows, gallery.features)
     hit_lists = {
         name: index.hits(query_labels, exclude) for name, (query_labels, index) in labels.items()
     }
-    # Row offsets: a few error bounds below the best similarity of a hit (first label set; of
-    # its first OFFSET_HITS hits, which bounds the work and only lowers the offset).
+    sampling = buffers.sample is not None
+    rounded_queries, errors, dots = _offset_queries(
+        queries, gallery, *next(iter(hit_lists.values())), all_hits=sampling
+    )
+    if not sampling:
+        return _screen_rows(
+            queries, rounded_queries, errors, gallery, exclude, labels, hit_lists, ks, buffers
+        )
+    missed = _sample_misses(
+        rounded_queries, errors, gallery, exclude, hit_lists, dots, ks[-1], buffers.sample
+    )
+    if missed.float().mean() < SAMPLE_MIN_SETTLED:
+        buffers.sample = None  # the sample no longer pays for itself: later chunks skip it
+    hits = {name: torch.zeros(n_rows, len(ks), dtype=torch.bool, device=device) for name in labels}
+    uncertain = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    open_rows = torch.nonzero(~missed).squeeze(1)
+    if len(open_rows):
+        open_lists = {
+            name: _pairs_of(open_rows, rows, items, n_rows)
+            for name, (rows, items) in hit_lists.items()
+        }
+        open_hits, uncertain[open_rows] = _screen_rows(
+            queries[open_rows],
+            rounded_queries[open_rows],
+            errors[open_rows],
+            gallery,
+            None if exclude is None else exclude[open_rows],
+            {name: (q[open_rows], index) for name, (q, index) in labels.items()},
+            open_lists,
+            ks,
+            buffers,
+        )
+        for name, h in open_hits.items():
+            hits[name][open_rows] = h
+    return hits, uncertain
+
+
+def _offset_queries(queries, gallery: _BF16Gallery, rows, items, all_hits: bool):
+    """(rounded queries [q, -c] (C, D + 1) with the row offsets c of ``_BF16Gallery``, the rows'
+    error bounds E (C,), the dots of the (rows, items) hit pairs or None).
+
+    c is a few error bounds below the best dot of a hit (rows, items: the first label set's
+    hits; of each row's first OFFSET_HITS, which bounds the work and only lowers c, unless
+    ``all_hits``, which also returns the dots of every pair, for ``_best_hit_scores``)."""
+    n_rows = queries.shape[0]
+    device = queries.device
     rounded_queries = gallery.round_queries(queries, torch.zeros(n_rows, device=device))
     errors = _screen_error_bound(queries, rounded_queries, gallery, 0.0)
-    rows, items = next(iter(hit_lists.values()))
-    first = torch.searchsorted(rows, rows)  # rows is sorted: where each row's hits begin
-    few = torch.arange(len(rows), device=device) - first < OFFSET_HITS
-    rows, items = rows[few], items[few]
+    if not all_hits:
+        first = torch.searchsorted(rows, rows)  # rows is sorted: where each row's hits begin
+        few = torch.arange(len(rows), device=device) - first < OFFSET_HITS
+        rows, items = rows[few], items[few]
+    dots = _hit_dots(rounded_queries, gallery, rows, items)
     best = torch.full((n_rows,), float("-inf"), device=device)
-    centered_hits = gallery.gallery[items] - gallery.mean
-    best.scatter_reduce_(0, rows, (queries[rows] * centered_hits).sum(dim=1), "amax")
-    offsets = torch.where(best > float("-inf"), best - 4 * errors, gallery.probe_offsets(queries))
+    best.scatter_reduce_(0, rows, dots, "amax")
+    offsets = best - 4 * errors
+    no_hit = torch.nonzero(best == float("-inf")).squeeze(1)
+    if len(no_hit):
+        offsets[no_hit] = gallery.probe_offsets(queries[no_hit])
     rounded_queries[:, -1] = -offsets  # the query coordinates are rounded already
+    errors = _screen_error_bound(queries, rounded_queries, gallery, 0.0)
+    return rounded_queries, errors, dots if all_hits else None
+
+
+# Pairs per block in _hit_dots: a few MB of temporaries, which the C allocator keeps for the
+# next block (blocks of tens of MB are mapped afresh and page-faulted every time).
+DOT_PAIRS = 512
+
+
+def _hit_dots(rounded_queries, gallery: _BF16Gallery, rows, items) -> torch.Tensor:
+    """(P,): q~ . g~' over the D feature coordinates (the offset's left out) of each (row, item)
+    pair, summed in fp32 from the bf16 numbers, whose products fp32 holds exactly."""
+    d = gallery.dim
+    dots = torch.empty(len(rows), device=rounded_queries.device)
+    for start in range(0, len(rows), DOT_PAIRS):
+        r, j = rows[start : start + DOT_PAIRS], items[start : start + DOT_PAIRS]
+        products = rounded_queries[r, :d].float() * gallery.features[j, :d].float()
+        dots[start : start + len(r)] = products.sum(dim=1)
+    return dots
+
+
+def _best_hit_scores(rounded_queries, rows, dots) -> torch.Tensor:
+    """(C,): each row's largest screen score of a hit (-inf: no hit) from its pairs' dots:
+    bf16(dot - c~), the offset's term added last. That is one fp32 summation order of the
+    screen's sum, and its error bound holds for any order, so these scores obey the bound of
+    the matrix product's."""
+    scores = (dots + rounded_queries[rows, -1].float()).to(torch.bfloat16).float()
+    best = torch.full((rounded_queries.shape[0],), float("-inf"), device=dots.device)
+    return best.scatter_reduce_(0, rows, scores, "amax")
+
+
+def _thresholds(b: torch.Tensor, errors: torch.Tensor):
+    """(has_hit, usable, high, low), each (C,), from the best hit's screen score b (-inf: no
+    hit) and the error bounds E: the thresholds t_hi and t_lo of ``_screen_chunk`` (1 where a
+    row cannot use them: no hit, or t_lo not positive)."""
+    u = U_BF16 / (1 - U_BF16)
+    has_hit = b > float("-inf")
+    b = torch.where(has_hit, b, torch.zeros_like(b))
+    # 1e-5: the fp32 rounding of the thresholds themselves.
+    high = (b + u * b.abs() + 2 * errors) / (1 - u) * (1 + 1e-5) + 1e-30
+    low = (b - u * b.abs() - 2 * errors) / (1 + u) * (1 - 1e-5)
+    usable = has_hit & (low > 0)
+    low = torch.where(usable, low, torch.ones_like(low))
+    high = torch.where(usable, high, torch.ones_like(high))
+    return has_hit, usable, high, low
+
+
+def _sample_misses(
+    rounded_queries, errors, gallery: _BF16Gallery, exclude, hit_lists, first_dots, k_max, buffers
+):
+    """(C,) bool: rows that certainly have no hit among their first k_max items, under every
+    label set, decided from the gallery sample (every SAMPLE_STRIDE-th item) alone.
+
+    An item whose screen score exceeds the row's t_hi (``_screen_chunk``, with b the best hit's
+    score from ``_best_hit_scores``) ranks above every hit in the fp32 order, so it is no hit
+    itself; if k_max sampled items do, the rest of the gallery cannot bring a hit into the top
+    k_max. Queries whose hits rank far down (unrelated or badly matched ones) are thereby
+    settled for a 1/SAMPLE_STRIDE of the products; the others go on to the whole gallery.
+    first_dots: the dots of the first label set's hits (``_offset_queries``); buffers: the
+    sample's ``_ScreenBuffers``.
+    """
+    n_rows = rounded_queries.shape[0]
+    scores = _bf16_similarities(rounded_queries, gallery.sample, buffers.similarities)
+    if exclude is not None:
+        stride = gallery.sample_stride
+        sampled = torch.nonzero((exclude >= 0) & (exclude % stride == 0)).squeeze(1)
+        scores[sampled, exclude[sampled] // stride] = float("-inf")
+    missed = torch.ones(n_rows, dtype=torch.bool, device=rounded_queries.device)
+    for i, (rows, items) in enumerate(hit_lists.values()):
+        dots = first_dots if i == 0 else _hit_dots(rounded_queries, gallery, rows, items)
+        b = _best_hit_scores(rounded_queries, rows, dots)
+        has_hit, usable, high, _ = _thresholds(b, errors)
+        beat = _count_at_least(scores.view(torch.int16), _bf16_bits(high, "up"), buffers, True)
+        missed &= ~has_hit | (usable & (beat >= k_max))
+    return missed
+
+
+def _screen_rows(
+    queries, rounded_queries, errors, gallery, exclude, labels, hit_lists, ks, buffers
+):
+    """``_screen_chunk`` on the whole gallery, the offsets and hit lists given."""
+    n_rows = queries.shape[0]
+    device = queries.device
     scores = _bf16_similarities(rounded_queries, gallery.features, buffers.similarities)
     if exclude is not None:
         excluded = torch.nonzero(exclude >= 0).squeeze(1)
         scores[excluded, exclude[excluded]] = float("-inf")
     scores_bits = scores.view(torch.int16)
-    errors = _screen_error_bound(queries, rounded_queries, gallery, 0.0)
-    u = U_BF16 / (1 - U_BF16)
     ks_tensor = torch.as_tensor(ks, device=device, dtype=torch.float32)[None, :]
     uncertain = torch.zeros(n_rows, dtype=torch.bool, device=device)
     hits = {}
     for name, (rows, items) in hit_lists.items():
         b = torch.full((n_rows,), float("-inf"), device=device)
         b.scatter_reduce_(0, rows, scores[rows, items].float(), "amax")
-        has_hit = b > float("-inf")
-        b = torch.where(has_hit, b, torch.zeros_like(b))
-        # 1e-5: the fp32 rounding of the thresholds themselves.
-        high = (b + u * b.abs() + 2 * errors) / (1 - u) * (1 + 1e-5) + 1e-30
-        low = (b - u * b.abs() - 2 * errors) / (1 + u) * (1 - 1e-5)
-        usable = has_hit & (low > 0)
-        low = torch.where(usable, low, torch.ones_like(low))
-        high = torch.where(usable, high, torch.ones_like(high))
+        has_hit, usable, high, low = _thresholds(b, errors)
         surely_beat = _count_at_least(scores_bits, _bf16_bits(high, "up"), buffers, strict=True)
         certain_out = ~has_hit[:, None] | (usable[:, None] & (surely_beat[:, None] >= ks_tensor))
         # Non-hits that may beat the best hit, counted where some k is not yet out.
@@ -551,10 +693,7 @@ def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, buffers=N
                 scores_bits, _bf16_bits(low, "down"), buffers, strict=False, skip=(rows, items)
             )
         elif len(open_rows):
-            position = torch.full((n_rows,), -1, dtype=torch.long, device=device)
-            position[open_rows] = torch.arange(len(open_rows), device=device)
-            listed = position[rows] >= 0
-            skip = (position[rows[listed]], items[listed])
+            skip = _pairs_of(open_rows, rows, items, n_rows)
             may_beat[open_rows] = _count_at_least(
                 scores_bits[open_rows], _bf16_bits(low[open_rows], "down"), buffers, False, skip
             )
@@ -646,7 +785,12 @@ def recall_at_k_label_sets(
         indexes = {name: _LabelIndex(g) for name, (_, g) in labels.items()}
         size = chunk_size or _default_chunk_size(n_gallery)
         starts = range(0, n_queries, size)
-        buffers = _ScreenBuffers(min(size, n_queries), rounded_gallery)
+        sampled = len(rounded_gallery.sample) >= SAMPLE_MIN_PER_K * ks[-1]
+        buffers = _ScreenBuffers(
+            min(size, n_queries),
+            rounded_gallery.features,
+            rounded_gallery.sample if sampled else None,
+        )
         for start in tqdm(starts, desc="recall", leave=False, disable=len(starts) < 8):
             rows = torch.arange(start, min(start + size, n_queries), device=device)
             exclude_rows, label_rows = rows_of(rows)

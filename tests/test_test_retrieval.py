@@ -384,11 +384,22 @@ def test_bf16_screen_gives_the_fp32_recall(chunk_size):
         assert fp32 == pytest.approx(brute_force_recall(q, g, q_labels, g_labels, ks))
 
 
+def always_sample(monkeypatch, stride=3):
+    """Make the screen's sample pass run on every chunk of a small gallery."""
+    monkeypatch.setattr(test_retrieval, "SAMPLE_STRIDE", stride)
+    monkeypatch.setattr(test_retrieval, "SAMPLE_MIN_PER_K", 0)
+    monkeypatch.setattr(test_retrieval, "SAMPLE_MIN_SETTLED", 0.0)
+
+
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("int8_counts", [True, False], ids=["int8-counts", "bf16-counts"])
-def test_bf16_screen_equals_fp32_on_random_problems(seed, int8_counts, monkeypatch):
-    # bf16-counts: the GPU's way of counting, run here on the CPU.
+@pytest.mark.parametrize("sample", [False, True], ids=["whole", "sample-first"])
+def test_bf16_screen_equals_fp32_on_random_problems(seed, int8_counts, sample, monkeypatch):
+    # bf16-counts: the GPU's way of counting, run here on the CPU. sample-first: the sample
+    # pass settles what it can before the whole gallery is scored.
     monkeypatch.setattr(test_retrieval, "_int8_counts", lambda device: int8_counts)
+    if sample:
+        always_sample(monkeypatch)
     # Shared directions, duplicate items, labels absent from the gallery, a coarse second label
     # set with many hits per query, any chunk size, k up to the screen's limit.
     rng = np.random.default_rng(100 + seed)
@@ -404,7 +415,7 @@ def test_bf16_screen_equals_fp32_on_random_problems(seed, int8_counts, monkeypat
     q_labels[::4] = -1  # no such gallery label
     label_sets = {"label": (q_labels, g_labels), "coarse": (q_labels // 4, g_labels // 4)}
     exclude = rng.integers(-1, n_gallery, size=n_queries) if seed % 2 else None
-    ks = sorted({1, int(rng.integers(2, 20)), test_retrieval.SCREEN_K_MAX})
+    ks = sorted({1, int(rng.integers(2, 20))} | ({8} if sample else {test_retrieval.SCREEN_K_MAX}))
     chunk = int(rng.integers(1, n_queries + 1))
     fp32 = test_retrieval.recall_at_k_label_sets(q, g, label_sets, ks, exclude, precision="fp32")
     bf16 = test_retrieval.recall_at_k_label_sets(
@@ -588,3 +599,102 @@ def test_bf16_screen_is_not_confused_by_repeated_targets():
         1: 1.0,
         5: 1.0,
     }
+
+
+def screen_inputs(q, g, q_labels, g_labels):
+    queries = torch.nn.functional.normalize(torch.from_numpy(q), dim=1)
+    gallery = torch.nn.functional.normalize(torch.from_numpy(g), dim=1)
+    index = test_retrieval._LabelIndex(torch.from_numpy(g_labels))
+    return (
+        queries,
+        test_retrieval._BF16Gallery(gallery),
+        {"label": (torch.from_numpy(q_labels), index)},
+    )
+
+
+def test_sample_pass_settles_only_rows_without_a_hit_in_the_top_k(monkeypatch):
+    # Unrelated queries: hits rank far down, and the sample alone shows it for most rows.
+    # Every row it settles has no hit among its k_max first items in the fp32 ranking.
+    monkeypatch.setattr(test_retrieval, "SAMPLE_STRIDE", 8)
+    rng = np.random.default_rng(21)
+    g = rng.standard_normal((3000, 32)).astype(np.float32)
+    g_labels = rng.integers(0, 1000, size=3000)
+    q = rng.standard_normal((400, 32)).astype(np.float32)
+    q[:100] = g[:100] + 0.3 * rng.standard_normal((100, 32)).astype(np.float32)  # near a hit
+    q_labels = rng.integers(0, 1000, size=400)
+    q_labels[:100] = g_labels[:100]
+    exclude = rng.integers(-1, 3000, size=400)
+    k_max = 10
+    queries, gallery, labels = screen_inputs(q, g, q_labels, g_labels)
+    exclude_t = torch.from_numpy(exclude)
+    hit_lists = {"label": labels["label"][1].hits(labels["label"][0], exclude_t)}
+    rounded, errors, dots = test_retrieval._offset_queries(
+        queries, gallery, *hit_lists["label"], all_hits=True
+    )
+    buffers = test_retrieval._ScreenBuffers(400, gallery.sample)
+    missed = test_retrieval._sample_misses(
+        rounded, errors, gallery, exclude_t, hit_lists, dots, k_max, buffers
+    )
+    sims = (queries @ gallery.gallery.t()).numpy()
+    in_top = []
+    for i in range(400):
+        order = [j for j in np.argsort(-sims[i], kind="stable") if j != exclude[i]]
+        in_top.append(any(g_labels[j] == q_labels[i] for j in order[:k_max]))
+    in_top = np.array(in_top)
+    assert not np.any(missed.numpy() & in_top)
+    assert in_top[:100].all() and not missed[:100].any()
+    assert missed[100:].float().mean() > 0.8  # the pass is worth its cost here
+
+
+def test_sample_pass_skips_the_excluded_item(monkeypatch):
+    # Each query is a copy of a sampled gallery item that is excluded for it; its hit comes
+    # right after. Counted, the excluded copy would push the hit out of the top 1.
+    always_sample(monkeypatch, stride=4)
+    rng = np.random.default_rng(22)
+    g = rng.standard_normal((400, 32)).astype(np.float32)
+    g_labels = np.arange(400)
+    sources = np.arange(0, 200, 4)  # in the sample
+    g[sources + 1] = g[sources] + 0.3 * rng.standard_normal((50, 32)).astype(np.float32)
+    q, q_labels = g[sources].copy(), g_labels[sources + 1]
+    for exclude in (sources, None):
+        recall = test_retrieval.recall_at_k(
+            q, g, q_labels, g_labels, (1,), exclude, precision="bf16"
+        )
+        assert recall == brute_force_recall(q, g, q_labels, g_labels, (1,), exclude)
+        assert recall[1] == (1.0 if exclude is not None else 0.0)
+
+
+def test_sample_pass_does_not_count_near_ties(monkeypatch):
+    # Each query's hit is first in fp32, closely followed by sampled near-twins with other
+    # labels that bf16 cannot tell from it: only items surely above every hit may count.
+    always_sample(monkeypatch, stride=4)
+    rng = np.random.default_rng(24)
+    g = rng.standard_normal((400, 64)).astype(np.float32)
+    g_labels = np.arange(400)
+    hits = np.arange(1, 200, 4)  # not sampled
+    for offset in (-1, 3):  # their twins are
+        g[hits + offset] = g[hits] + 1e-3 * rng.standard_normal((50, 64)).astype(np.float32)
+    q, q_labels = g[hits].copy(), g_labels[hits]
+    ks = (1, 2)
+    fp32 = test_retrieval.recall_at_k(q, g, q_labels, g_labels, ks, precision="fp32")
+    assert fp32 == {1: 1.0, 2: 1.0}
+    assert test_retrieval.recall_at_k(q, g, q_labels, g_labels, ks, precision="bf16") == fp32
+
+
+def test_sample_pass_stops_when_it_stops_paying(monkeypatch):
+    monkeypatch.setattr(test_retrieval, "SAMPLE_STRIDE", 4)
+    rng = np.random.default_rng(23)
+    for noise, kept in ((0.2, False), (None, True)):  # hits near the top / far down
+        g = rng.standard_normal((2000, 32)).astype(np.float32)
+        g_labels = rng.integers(0, 700, size=2000)
+        if noise is None:
+            q = rng.standard_normal((200, 32)).astype(np.float32)
+            q_labels = rng.integers(0, 700, size=200)
+        else:
+            target = rng.integers(0, 2000, size=200)
+            q = g[target] + noise * rng.standard_normal((200, 32)).astype(np.float32)
+            q_labels = g_labels[target]
+        queries, gallery, labels = screen_inputs(q, g, q_labels, g_labels)
+        buffers = test_retrieval._ScreenBuffers(200, gallery.features, gallery.sample)
+        test_retrieval._screen_chunk(queries, gallery, None, labels, (1, 10), buffers)
+        assert (buffers.sample is not None) == kept
