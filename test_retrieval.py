@@ -263,6 +263,9 @@ SCREEN_MIN_GALLERY = 64  # below this the fp32 ranking is as cheap
 SAMPLE_STRIDE = 16
 SAMPLE_MIN_PER_K = 4
 SAMPLE_MIN_SETTLED = 0.1
+# It also stops where a chunk's hits outnumber this share of its sampled scores: it needs the
+# screen score of every hit, computed pair by pair at ~200x the cost of a product's score.
+SAMPLE_MAX_HIT_SHARE = 1 / 64
 
 
 def _use_bf16_screen(precision: str, device: torch.device, backend: str, n_gallery: int, k_max):
@@ -528,6 +531,9 @@ def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, buffers=N
     hit_lists = {
         name: index.hits(query_labels, exclude) for name, (query_labels, index) in labels.items()
     }
+    pairs = sum(len(rows) for rows, _ in hit_lists.values())
+    if buffers.sample is not None and pairs > SAMPLE_MAX_HIT_SHARE * n_rows * len(gallery.sample):
+        buffers.sample = None
     sampling = buffers.sample is not None
     rounded_queries, errors, dots = _offset_queries(
         queries, gallery, *next(iter(hit_lists.values())), all_hits=sampling

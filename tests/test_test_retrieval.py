@@ -389,6 +389,7 @@ def always_sample(monkeypatch, stride=3):
     monkeypatch.setattr(test_retrieval, "SAMPLE_STRIDE", stride)
     monkeypatch.setattr(test_retrieval, "SAMPLE_MIN_PER_K", 0)
     monkeypatch.setattr(test_retrieval, "SAMPLE_MIN_SETTLED", 0.0)
+    monkeypatch.setattr(test_retrieval, "SAMPLE_MAX_HIT_SHARE", float("inf"))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -684,17 +685,33 @@ def test_sample_pass_does_not_count_near_ties(monkeypatch):
 def test_sample_pass_stops_when_it_stops_paying(monkeypatch):
     monkeypatch.setattr(test_retrieval, "SAMPLE_STRIDE", 4)
     rng = np.random.default_rng(23)
-    for noise, kept in ((0.2, False), (None, True)):  # hits near the top / far down
+    # hits far down (kept), hits near the top (few rows settled), hits far down but hundreds
+    # of them per query (their pair-wise scores would cost more than the sample saves)
+    for case, n_labels, kept in (
+        ("unrelated", 700, True),
+        ("near", 700, False),
+        ("many", 5, False),
+    ):
         g = rng.standard_normal((2000, 32)).astype(np.float32)
-        g_labels = rng.integers(0, 700, size=2000)
-        if noise is None:
-            q = rng.standard_normal((200, 32)).astype(np.float32)
-            q_labels = rng.integers(0, 700, size=200)
-        else:
+        g_labels = rng.integers(0, n_labels, size=2000)
+        if case == "near":
             target = rng.integers(0, 2000, size=200)
-            q = g[target] + noise * rng.standard_normal((200, 32)).astype(np.float32)
+            q = g[target] + 0.2 * rng.standard_normal((200, 32)).astype(np.float32)
             q_labels = g_labels[target]
+        else:
+            q = rng.standard_normal((200, 32)).astype(np.float32)
+            q_labels = rng.integers(0, n_labels, size=200)
+        if case == "many":  # whatever the rows it would settle
+            monkeypatch.setattr(test_retrieval, "SAMPLE_MIN_SETTLED", 0.0)
         queries, gallery, labels = screen_inputs(q, g, q_labels, g_labels)
         buffers = test_retrieval._ScreenBuffers(200, gallery.features, gallery.sample)
-        test_retrieval._screen_chunk(queries, gallery, None, labels, (1, 10), buffers)
-        assert (buffers.sample is not None) == kept
+        hits, uncertain = test_retrieval._screen_chunk(
+            queries, gallery, None, labels, (1, 10), buffers
+        )
+        assert (buffers.sample is not None) == kept, case
+        certain = ~uncertain.numpy()
+        fp32 = test_retrieval.recall_at_k(
+            q[certain], g, q_labels[certain], g_labels, (1, 10), precision="fp32"
+        )
+        decided = hits["label"][~uncertain].float().mean(dim=0).tolist()
+        assert decided == pytest.approx([fp32[1], fp32[10]]), case
