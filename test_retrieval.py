@@ -533,7 +533,7 @@ def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, buffers=N
     }
     pairs = sum(len(rows) for rows, _ in hit_lists.values())
     if buffers.sample is not None and pairs > SAMPLE_MAX_HIT_SHARE * n_rows * len(gallery.sample):
-        buffers.sample = None
+        buffers.sample = None  # too many hits to score one by one: later chunks skip it too
     sampling = buffers.sample is not None
     rounded_queries, errors, dots = _offset_queries(
         queries, gallery, *next(iter(hit_lists.values())), all_hits=sampling
