@@ -451,7 +451,10 @@ def _count_at_least(scores_bits, thresholds_bits, buffers: _ScreenBuffers, stric
     return _bf16_similarities(mask.view(torch.bfloat16), buffers.ones).float().squeeze(1)
 
 
-CANDIDATE_PAIRS = 1 << 15  # (query, item) pairs whose fp32 similarity is computed at once
+# (query, item) pairs whose similarity is computed at once (``_settle_by_candidates``,
+# ``_hit_dots``): a few MB of temporaries, which the C allocator keeps for the next block
+# (blocks of tens of MB are mapped afresh and page-faulted every time).
+PAIR_BLOCK = 512
 
 
 def _settle_by_candidates(
@@ -476,8 +479,8 @@ def _settle_by_candidates(
     device = scores_bits.device
     rows, items = (scores_bits >= low_bits[:, None]).nonzero(as_tuple=True)
     x = torch.empty(len(rows), device=device)
-    for start in range(0, len(rows), CANDIDATE_PAIRS):
-        r, j = rows[start : start + CANDIDATE_PAIRS], items[start : start + CANDIDATE_PAIRS]
+    for start in range(0, len(rows), PAIR_BLOCK):
+        r, j = rows[start : start + PAIR_BLOCK], items[start : start + PAIR_BLOCK]
         x[start : start + len(r)] = (queries[r] * gallery.gallery[j]).sum(dim=1)
     bound = 2.02 * queries.shape[1] * U_FP32 * queries.norm(dim=1)[rows] * gallery.norms[items]
     bound += 1e-30
@@ -598,18 +601,13 @@ def _offset_queries(queries, gallery: _BF16Gallery, rows, items, all_hits: bool)
     return rounded_queries, errors, dots if all_hits else None
 
 
-# Pairs per block in _hit_dots: a few MB of temporaries, which the C allocator keeps for the
-# next block (blocks of tens of MB are mapped afresh and page-faulted every time).
-DOT_PAIRS = 512
-
-
 def _hit_dots(rounded_queries, gallery: _BF16Gallery, rows, items) -> torch.Tensor:
     """(P,): q~ . g~' over the D feature coordinates (the offset's left out) of each (row, item)
     pair, summed in fp32 from the bf16 numbers, whose products fp32 holds exactly."""
     d = gallery.dim
     dots = torch.empty(len(rows), device=rounded_queries.device)
-    for start in range(0, len(rows), DOT_PAIRS):
-        r, j = rows[start : start + DOT_PAIRS], items[start : start + DOT_PAIRS]
+    for start in range(0, len(rows), PAIR_BLOCK):
+        r, j = rows[start : start + PAIR_BLOCK], items[start : start + PAIR_BLOCK]
         products = rounded_queries[r, :d].float() * gallery.features[j, :d].float()
         dots[start : start + len(r)] = products.sum(dim=1)
     return dots
