@@ -298,23 +298,30 @@ class _BF16Gallery:
     """
 
     PROBES = 256
+    BLOCK = 4096  # gallery rows prepared at once (small temporaries: see PAIR_BLOCK)
 
     def __init__(self, gallery: torch.Tensor):
         n, d = gallery.shape
-        self.mean = gallery.mean(dim=0)
-        centered = gallery - self.mean
-        extended = torch.cat([centered, centered.new_ones(n, 1)], dim=1)
-        self.features = extended.to(torch.bfloat16)  # (N, D + 1)
-        rounded = self.features[:, :d].float()
         self.dim = d
-        self.rounding_norm_max = (centered - rounded).norm(dim=1).max()  # max ||g'_j - bf16(g'_j)||
-        self.rounded_norm_max = rounded.norm(dim=1).max()
-        self.centered_norm_max = centered.norm(dim=1).max()
+        self.mean = gallery.mean(dim=0)
+        self.features = torch.empty(n, d + 1, dtype=torch.bfloat16, device=gallery.device)
+        self.features[:, d] = 1.0
+        rounding, rounded, centered_norms = [], [], []
+        for start in range(0, n, self.BLOCK):
+            centered = gallery[start : start + self.BLOCK] - self.mean  # g'_j
+            block = self.features[start : start + self.BLOCK, :d]
+            block.copy_(centered)
+            rounding.append((centered - block.float()).norm(dim=1))  # ||g'_j - bf16(g'_j)||
+            rounded.append(block.float().norm(dim=1))
+            centered_norms.append(centered.norm(dim=1))
+        self.rounding_norm_max = torch.cat(rounding).max()
+        self.rounded_norm_max = torch.cat(rounded).max()
+        self.centered_norm_max = torch.cat(centered_norms).max()
         self.gallery = gallery
         self.norms = gallery.norm(dim=1)
         self.norm_max = self.norms.max()
         probes = torch.linspace(0, n - 1, min(n, self.PROBES), device=gallery.device).long()
-        self.probes = centered[probes]
+        self.probes = gallery[probes] - self.mean
         self.sample_stride = SAMPLE_STRIDE
         self.sample = self.features[:: self.sample_stride].contiguous()  # see _sample_misses
 
