@@ -492,16 +492,20 @@ def _settle_by_candidates(
     bound = 2.02 * queries.shape[1] * U_FP32 * queries.norm(dim=1)[rows] * gallery.norms[items]
     bound += 1e-30
     is_hit = index.labels[items] == query_labels[rows]
-    x_lo = torch.full((n_rows,), float("-inf"), device=device)
-    x_hi = torch.full((n_rows,), float("-inf"), device=device)
-    x_lo.scatter_reduce_(0, rows[is_hit], (x - bound)[is_hit], "amax")
-    x_hi.scatter_reduce_(0, rows[is_hit], (x + bound)[is_hit], "amax")
+    x_lo = _row_max((x - bound)[is_hit], rows[is_hit], n_rows)
+    x_hi = _row_max((x + bound)[is_hit], rows[is_hit], n_rows)
     not_hit = ~is_hit
     may_beat = torch.bincount(rows[not_hit & (x + bound >= x_lo[rows])], minlength=n_rows).float()
     surely_beat = torch.bincount(rows[not_hit & (x - bound > x_hi[rows])], minlength=n_rows)
     certain_in = may_beat[:, None] < ks_tensor
     certain_out = surely_beat.float()[:, None] >= ks_tensor
     return certain_in, certain_out
+
+
+def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows,): the largest of ``values`` in each row (``rows``: their rows); -inf where none."""
+    best = torch.full((n_rows,), float("-inf"), device=values.device)
+    return best.scatter_reduce_(0, rows, values, "amax")
 
 
 def _pairs_of(row_subset: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, n_rows: int):
@@ -597,8 +601,7 @@ def _offset_queries(queries, gallery: _BF16Gallery, rows, items, all_hits: bool)
         few = torch.arange(len(rows), device=device) - first < OFFSET_HITS
         rows, items = rows[few], items[few]
     dots = _hit_dots(rounded_queries, gallery, rows, items)
-    best = torch.full((n_rows,), float("-inf"), device=device)
-    best.scatter_reduce_(0, rows, dots, "amax")
+    best = _row_max(dots, rows, n_rows)
     offsets = best - 4 * errors
     no_hit = torch.nonzero(best == float("-inf")).squeeze(1)
     if len(no_hit):
@@ -626,8 +629,7 @@ def _best_hit_scores(rounded_queries, rows, dots) -> torch.Tensor:
     screen's sum, and its error bound holds for any order, so these scores obey the bound of
     the matrix product's."""
     scores = (dots + rounded_queries[rows, -1].float()).to(torch.bfloat16).float()
-    best = torch.full((rounded_queries.shape[0],), float("-inf"), device=dots.device)
-    return best.scatter_reduce_(0, rows, scores, "amax")
+    return _row_max(scores, rows, rounded_queries.shape[0])
 
 
 def _thresholds(b: torch.Tensor, errors: torch.Tensor):
@@ -691,8 +693,7 @@ def _screen_rows(
     uncertain = torch.zeros(n_rows, dtype=torch.bool, device=device)
     hits = {}
     for name, (rows, items) in hit_lists.items():
-        b = torch.full((n_rows,), float("-inf"), device=device)
-        b.scatter_reduce_(0, rows, scores[rows, items].float(), "amax")
+        b = _row_max(scores[rows, items].float(), rows, n_rows)
         has_hit, usable, high, low = _thresholds(b, errors)
         surely_beat = _count_at_least(scores_bits, _bf16_bits(high, "up"), buffers, strict=True)
         certain_out = ~has_hit[:, None] | (usable[:, None] & (surely_beat[:, None] >= ks_tensor))

@@ -1,4 +1,4 @@
-"""Recall@k at the Fashion200k test shape: ours (chunked topk) vs TIRG's NumPy argsort loop.
+"""Recall@k at the Fashion200k test shape: ours (exact, bf16 screen) vs TIRG's NumPy argsort loop.
 
     python benchmarks/bench_recall.py                  # 33,480 x 29,789 x 512, 2 threads
     python benchmarks/bench_recall.py --baseline_queries 1000 --variants exact tirg_numpy
