@@ -25,16 +25,14 @@ from __future__ import annotations
 import concurrent.futures
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+import isotropic_noise
 
 ADVERSARIAL_Q = (1.0, 2.0, math.inf)
 ISOTROPIC_NOISE = ("gaussian", "uniform", "sphere")
 ISOTROPIC_SCALE = ("mean", "sum")
-# Mixed into the isotropic noise seed so that it never coincides with another torch stream
-# seeded from the same --seed.
-_ISOTROPIC_STREAM = 0x15_07_0C
 
 
 def similarity_matching_loss(
@@ -315,25 +313,23 @@ def _plain_4d(x, weight, bias) -> bool:
 
 
 # --------------------------------------------------------------------------- isotropic GA
+#
+# r is a pure function of (seed, iteration, tensor): every DDP rank draws the same r (so the
+# parameters stay in sync after the noise is added to the averaged gradients), and a resumed run
+# draws what the uninterrupted run drew. On CPU it comes from isotropic_noise's counter-based
+# stream (a C kernel that draws, adds and dots in one pass); on other devices from one torch
+# generator per tensor. The numbers do not depend on the number of threads.
 
 
 def isotropic_generators(
     seed: int, iteration: int, count: int, device: torch.device | str
 ) -> list[torch.Generator]:
-    """``count`` generators for step ``iteration``'s noise, one per parameter tensor.
-
-    They are a pure function of (seed, iteration): every DDP rank draws the same r (so the
-    parameters stay in sync after the noise is added to the averaged gradients), and a resumed
-    run draws what the uninterrupted run drew. One generator per tensor lets the CPU draw the
-    tensors in parallel and still get the same numbers with any number of threads.
-    """
-    states = np.random.SeedSequence([seed, iteration, _ISOTROPIC_STREAM]).generate_state(
-        count, np.uint64
-    )
+    """``count`` torch generators for step ``iteration``'s noise on a non-CPU device, one per
+    parameter tensor, seeded from the same keys as the CPU stream."""
     generators = []
-    for state in states:
+    for key in isotropic_noise.step_keys(seed, iteration, count):
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(state) >> 1)  # 63 bits: manual_seed takes any int64
+        generator.manual_seed(key >> 1)  # 63 bits: manual_seed takes any int64
         generators.append(generator)
     return generators
 
@@ -344,21 +340,6 @@ def _noise_std(param: torch.Tensor, gamma: float, scale: str) -> float:
     return gamma / param.numel() if scale == "mean" else gamma
 
 
-# On CPU the noise is drawn, added and dotted in chunks that stay in cache. With a thread pool
-# the chunks are kept below ATen's parallel grain size (32768 elements), so that every op on a
-# chunk runs serially and the pool threads never start OpenMP teams of their own (which would
-# oversubscribe the cores). On other devices a tensor is one chunk. The samplers give the same
-# numbers for any chunking into multiples of 16 (the CPU normal sampler's block).
-_CPU_CHUNK = 32_000
-_CPU_CHUNK_ONE_THREAD = 1 << 18
-
-
-def _chunk_size(device: torch.device, numel: int) -> int:
-    if device.type != "cpu":
-        return max(numel, 1)
-    return _CPU_CHUNK if torch.get_num_threads() > 1 else _CPU_CHUNK_ONE_THREAD
-
-
 def _run_per_tensor(function, params: list[torch.Tensor]) -> list:
     """function(k) for every tensor k, largest first, on a CPU thread pool when torch has more
     than one thread (results are the same either way); returns the results in tensor order."""
@@ -366,9 +347,9 @@ def _run_per_tensor(function, params: list[torch.Tensor]) -> list:
     workers = torch.get_num_threads()
     results: list = [None] * len(params)
     if params and params[0].device.type == "cpu" and workers > 1 and len(params) > 1:
-        # torch's CPU samplers are serial and release the GIL, so threads run them in
-        # parallel. The pool lives for one call: no idle threads are left for a later fork
-        # (DataLoader workers) to copy.
+        # The kernel and torch's CPU samplers release the GIL and run serially, so threads run
+        # them in parallel. The pool lives for one call: no idle threads are left for a later
+        # fork (DataLoader workers) to copy.
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for k, result in zip(order, pool.map(function, order)):
                 results[k] = result
@@ -378,22 +359,20 @@ def _run_per_tensor(function, params: list[torch.Tensor]) -> list:
     return results
 
 
-def _fill(chunk: torch.Tensor, kind: str, coefficient: float, generator: torch.Generator) -> None:
-    """Draw one chunk of coefficient * r ('sphere': of the Gaussian it is normalized from)."""
-    if kind == "uniform":
-        bound = math.sqrt(3.0) * coefficient
-        chunk.uniform_(-bound, bound, generator=generator)
-    else:
-        chunk.normal_(0.0, coefficient if kind == "gaussian" else 1.0, generator=generator)
-
-
-def _draw_flat(
-    flat: torch.Tensor, kind: str, coefficient: float, generator: torch.Generator
+def _draw(
+    param: torch.Tensor, kind: str, coefficient: float, key: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Fill the contiguous 1-D ``flat`` with coefficient * r, chunk by chunk."""
-    step = _chunk_size(flat.device, flat.numel())
-    for start in range(0, flat.numel(), step):
-        _fill(flat[start : start + step], kind, coefficient, generator)
+    """coefficient * r for one tensor, flat, in the parameter's dtype and on its device."""
+    flat = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
+    base = "gaussian" if kind == "sphere" else kind
+    unit = 1.0 if kind == "sphere" else coefficient
+    if generator is None:
+        isotropic_noise.fill_(flat, base, key, unit)
+    elif base == "uniform":
+        bound = math.sqrt(3.0) * unit
+        flat.uniform_(-bound, bound, generator=generator)
+    else:
+        flat.normal_(0.0, unit, generator=generator)
     if kind == "sphere":
         flat.mul_(coefficient * math.sqrt(flat.numel()) / _norm(flat))
     return flat
@@ -401,7 +380,7 @@ def _draw_flat(
 
 def _norm(flat: torch.Tensor) -> float:
     # A fixed chunking, so that the norm (and the sphere's r) does not depend on the threads.
-    step = _CPU_CHUNK if flat.device.type == "cpu" else max(flat.numel(), 1)
+    step = 32_768 if flat.device.type == "cpu" else max(flat.numel(), 1)
     chunks = [flat[start : start + step] for start in range(0, flat.numel(), step)]
     # ATen's serial sum, not BLAS, whose summation order depends on its thread count.
     return math.sqrt(sum(c.square().sum().item() for c in chunks))
@@ -410,6 +389,15 @@ def _norm(flat: torch.Tensor) -> float:
 def _check_noise(kind: str) -> None:
     if kind not in ISOTROPIC_NOISE:
         raise ValueError(f"noise must be one of {ISOTROPIC_NOISE}, got {kind!r}")
+
+
+def _sources(params, seed, iteration):
+    """Per tensor: (key, generator), the generator None on CPU (the kernel's stream)."""
+    device = params[0].device if params else torch.device("cpu")
+    keys = isotropic_noise.step_keys(seed, iteration, len(params))
+    if device.type == "cpu":
+        return keys, [None] * len(params)
+    return keys, isotropic_generators(seed, iteration, len(params), device)
 
 
 def draw_isotropic_noise(
@@ -428,17 +416,13 @@ def draw_isotropic_noise(
     """
     _check_noise(kind)
     coefficients = [1.0] * len(params) if coefficients is None else coefficients
-    generators = isotropic_generators(seed, iteration, len(params), _device(params))
+    keys, generators = _sources(params, seed, iteration)
 
     def draw(k: int) -> torch.Tensor:
-        flat = torch.empty(params[k].numel(), dtype=params[k].dtype, device=params[k].device)
-        return _draw_flat(flat, kind, coefficients[k], generators[k]).view(params[k].shape)
+        flat = _draw(params[k], kind, coefficients[k], keys[k], generators[k])
+        return flat.view(params[k].shape)
 
     return _run_per_tensor(draw, params)
-
-
-def _device(params: list[torch.Tensor]) -> torch.device:
-    return params[0].device if params else torch.device("cpu")
 
 
 def add_isotropic_gradient_noise(
@@ -453,13 +437,12 @@ def add_isotropic_gradient_noise(
     alone, as the loss form would give it. Returns the loss-form value
     gamma * sum_p s_p <r_p, theta_p> at the current parameters, for logging: a 0-dim tensor.
 
-    On CPU each tensor's noise is drawn, added and dotted chunk by chunk in cache (one pass over
-    the gradient and the parameter, no noise tensor), the tensors spread over a thread pool.
+    On CPU the Gaussian and uniform noise is drawn, added and dotted in one pass over the
+    gradient and the parameter (no noise tensor), the tensors spread over a thread pool.
     """
     _check_noise(kind)
     std = [_noise_std(p, gamma, scale) for p in params]
-    device = _device(params)
-    generators = isotropic_generators(seed, iteration, len(params), device)
+    keys, generators = _sources(params, seed, iteration)
     with torch.no_grad():
         for p in params:
             if p.grad is None:
@@ -467,27 +450,22 @@ def add_isotropic_gradient_noise(
 
         def add(k: int) -> torch.Tensor:
             param, grad = params[k].detach(), params[k].grad
-            fused = kind != "sphere" and device.type == "cpu"
-            if not (fused and param.is_contiguous() and grad.is_contiguous()):
-                flat = torch.empty(param.numel(), dtype=param.dtype, device=param.device)
-                r = _draw_flat(flat, kind, std[k], generators[k])
-                grad.add_(r.view(param.shape))
-                return torch.dot(r, param.reshape(-1))
-            flat_param, flat_grad = param.view(-1), grad.view(-1)
-            step = _chunk_size(device, flat_param.numel())
-            scratch = torch.empty(min(flat_param.numel(), step), dtype=param.dtype)
-            value = 0.0
-            for start in range(0, flat_param.numel(), step):
-                stop = min(start + step, flat_param.numel())
-                chunk = scratch[: stop - start]
-                _fill(chunk, kind, std[k], generators[k])
-                value += torch.dot(chunk, flat_param[start:stop]).item()
-                flat_grad[start:stop].add_(chunk)
-            return torch.tensor(value, dtype=torch.float64)
+            if (
+                generators[k] is None
+                and kind != "sphere"
+                and param.is_contiguous()
+                and (grad.is_contiguous())
+            ):
+                value = isotropic_noise.add_(grad.view(-1), param.view(-1), kind, keys[k], std[k])
+                return torch.tensor(value, dtype=torch.float64)
+            r = _draw(param, kind, std[k], keys[k], generators[k])
+            grad.add_(r.view(param.shape))
+            return torch.dot(r, param.reshape(-1))
 
         values = _run_per_tensor(add, params)
     if not values:
         return torch.zeros((), dtype=torch.float64)
+    device = params[0].device
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).sum()
 
 
