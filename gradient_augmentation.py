@@ -134,11 +134,31 @@ class _Conv2dInputGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # <ggI, convT(gO, W)> is linear in W: its gradient is conv2d's weight gradient with
             # ggI as the input and gO as the output gradient.
-            d_weight = torch.ops.aten.convolution_backward(
-                grad_output, grad_grad_input, weight, None, stride, padding, dilation, False,
-                [0, 0], groups, [False, True, False],
-            )[1]  # fmt: skip
+            d_weight = _conv2d_weight_grad(
+                grad_output, grad_grad_input, weight, stride, padding, dilation, groups
+            )
         return d_grad_output, None, d_weight, None
+
+
+# oneDNN's convolution weight gradient is slow on tiny output maps: ResNet's last stage at 64x64
+# images (2x2) took 10 ms for 32 x 512 x 2 x 2 with a 3x3 kernel, where one matrix product over
+# the unfolded patches takes 4 ms (2 CPU threads). Larger maps stay with oneDNN, which wins there.
+_GEMM_MAX_OUTPUT_PIXELS = 4
+
+
+def _conv2d_weight_grad(grad_output, input, weight, stride, padding, dilation, groups):
+    """conv2d's weight gradient for output gradient ``grad_output`` at ``input``."""
+    batch, channels_out, height, width = grad_output.shape
+    pixels = height * width
+    if groups != 1 or pixels > _GEMM_MAX_OUTPUT_PIXELS or input.device.type != "cpu":
+        return torch.ops.aten.convolution_backward(
+            grad_output, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [False, True, False],
+        )[1]  # fmt: skip
+    patches = F.unfold(input, weight.shape[2:], dilation, padding, stride)  # (N, C k k, H W)
+    patches = patches.transpose(1, 2).reshape(batch * pixels, -1)
+    grads = grad_output.reshape(batch, channels_out, pixels).transpose(0, 1)
+    return (grads.reshape(channels_out, batch * pixels) @ patches).view_as(weight)
 
 
 class _Conv2d(torch.autograd.Function):
@@ -467,6 +487,70 @@ def add_isotropic_gradient_noise(
         return torch.zeros((), dtype=torch.float64)
     device = params[0].device
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).sum()
+
+
+def isotropic_sgd_step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    gamma: float,
+    kind: str,
+    scale: str,
+    seed: int,
+    iteration: int,
+) -> torch.Tensor | None:
+    """``add_isotropic_gradient_noise`` and then ``optimizer.step()``, fused: one pass per tensor
+    through the CPU kernel draws the noise, adds it to the gradient and takes SGD's step.
+
+    For torch.optim.SGD with momentum (no dampening, not Nesterov, not maximizing) on float32 CPU
+    tensors, when ``params`` are the optimizer's parameters that have gradients and the kernel
+    is built; otherwise it does nothing and returns None, and the caller adds the noise and steps
+    as usual. The gradients, momentum buffers and parameters are those of the unfused path up to
+    float rounding (tested). Returns the loss-form value, as ``add_isotropic_gradient_noise``.
+    """
+    _check_noise(kind)
+    if type(optimizer) is not torch.optim.SGD or kind == "sphere" or not params:
+        return None
+    groups = {}
+    for group in optimizer.param_groups:
+        plain = not (group["dampening"] or group["nesterov"] or group["maximize"])
+        if not (plain and group["momentum"] and not group.get("differentiable")):
+            return None
+        for p in group["params"]:
+            groups[p] = group
+    wanted = {id(p) for p in params}
+    stepped = [p for p in groups if p.grad is not None or id(p) in wanted]
+    if len(stepped) != len(params) or any(id(p) not in wanted for p in stepped):
+        return None  # the optimizer would step tensors without noise, or the noise go unstepped
+
+    def fits(t: torch.Tensor | None) -> bool:  # what the kernel works on in place
+        return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and (
+            t.is_contiguous()
+        ))  # fmt: skip
+
+    buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
+    if not all(fits(p) and fits(p.grad) and fits(b) for p, b in zip(params, buffers)) or (
+        isotropic_noise.kernel_status().startswith("torch")
+    ):
+        return None
+    std = [_noise_std(p, gamma, scale) for p in params]
+    keys = isotropic_noise.step_keys(seed, iteration, len(params))
+    first = [b is None for b in buffers]
+    with torch.no_grad():
+        for k, p in enumerate(params):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if first[k]:  # SGD's first step: the buffer becomes the gradient
+                buffers[k] = optimizer.state[p]["momentum_buffer"] = torch.empty_like(p)
+
+        def step(k: int) -> float:
+            p, group = params[k], groups[params[k]]
+            return isotropic_noise.sgd_(
+                p.grad.view(-1), p.detach().view(-1), buffers[k].view(-1), first[k], group["lr"],
+                group["momentum"], group["weight_decay"], kind, keys[k], std[k],
+            )  # fmt: skip
+
+        values = _run_per_tensor(step, params)
+    return torch.tensor(sum(values), dtype=torch.float64)
 
 
 def isotropic_gradient_augmentation_loss(

@@ -693,7 +693,8 @@ def train_step(
     ``iteration`` seeds L_GA^I's noise (with --seed), so resumed and multi-process runs draw
     the same r. L_GA^I's gradient, gamma * s_p * r_p, is added to the gradients between
     backward and step: after DDP has averaged them, so every rank adds the same noise, and after
-    the GradScaler (``scaler``, fp16) has unscaled them. With an enabled scaler the values also
+    the GradScaler (``scaler``, fp16) has unscaled them. On CPU the noise and SGD's step are one
+    pass (``ga.isotropic_sgd_step``). With an enabled scaler the values also
     hold 'fp16_skipped': 1.0 when the scaler skipped the step (inf/NaN gradients).
     """
     terms = compute_loss_terms(model, batch, args, device, scaler)
@@ -706,17 +707,22 @@ def train_step(
         scaler.unscale_(optimizer)
     values = {name: value.item() for name, value in terms.items()}
     values["total"] = total.item()
+    stepped = False
     if args.ga_iso_gamma > 0:
-        ga_iso = ga.add_isotropic_gradient_noise(
-            trainable_parameters(model),
-            args.ga_iso_gamma,
-            args.ga_iso_noise,
-            args.ga_iso_scale,
-            args.seed,
-            iteration,
-        )
+        iso = (
+            trainable_parameters(model), args.ga_iso_gamma, args.ga_iso_noise,
+            args.ga_iso_scale, args.seed, iteration,
+        )  # fmt: skip
+        ga_iso = None
+        if scaler is None or not scaler.is_enabled():  # noise and SGD step in one pass (CPU)
+            ga_iso = ga.isotropic_sgd_step(optimizer, *iso)
+            stepped = ga_iso is not None
+        if not stepped:
+            ga_iso = ga.add_isotropic_gradient_noise(*iso)
         values["ga_iso"] = ga_iso.item()
         values["total"] += values["ga_iso"]
+    if stepped:
+        return values
     if scaler is None:
         optimizer.step()
     else:

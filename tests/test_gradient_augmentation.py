@@ -13,6 +13,7 @@ from tb_events import read_scalars
 
 import gradient_augmentation as ga
 import img_text_composition_models
+import isotropic_noise
 import main
 import text_model
 import torch_function
@@ -190,9 +191,12 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives():
         torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
         torch.nn.BatchNorm2d(6),
         torch.nn.Tanh(),
+        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),  # a 2x2 map: the matrix-product path
+        torch.nn.BatchNorm2d(5),
+        torch.nn.Tanh(),
     ).double()
     images = torch.randn(5, 3, 8, 8, dtype=torch.float64)
-    targets = torch.randn(5, 6, dtype=torch.float64)
+    targets = torch.randn(5, 5, dtype=torch.float64)
 
     def run(model, fast):
         x = images.clone().requires_grad_()
@@ -214,6 +218,29 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives():
     with ga.fast_double_backward():
         names = {type(net[1](net[0](x)).grad_fn).__name__, type(net[0](x).grad_fn).__name__}
     assert names == {"_BatchNorm2dBackward", "_Conv2dBackward"}
+
+
+@pytest.mark.parametrize(
+    "shape, conf",
+    [
+        ((4, 6, 2, 2), dict(kernel_size=3, padding=1)),  # ResNet's last stage at 64x64
+        ((4, 6, 4, 4), dict(kernel_size=3, stride=2, padding=1)),
+        ((3, 5, 5, 5), dict(kernel_size=3, stride=2, padding=2, dilation=2)),
+        ((4, 6, 2, 1), dict(kernel_size=1)),
+        ((2, 4, 6, 6), dict(kernel_size=3, stride=1, padding=1)),  # 36 pixels: oneDNN's path
+    ],
+)
+def test_conv2d_weight_grad_equals_the_built_in(shape, conf):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(shape[1], 7, bias=False, **conf).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    out = conv(x)
+    grad_output = torch.randn(out.shape[::-1], dtype=torch.float64).permute(3, 2, 1, 0)
+    (expected,) = torch.autograd.grad(out, conv.weight, grad_output)
+    got = ga._conv2d_weight_grad(
+        grad_output, x, conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation), 1
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_adversarial_term_rejects_an_unknown_norm():
@@ -344,6 +371,116 @@ def test_isotropic_gradient_noise_gives_the_loss_forms_update(kind, scale, dtype
         for a, b in zip(params_loss, params_noise):
             torch.testing.assert_close(a, b, rtol=1e-12 if exact else 1e-6, atol=1e-14)
     assert not torch.equal(unused[1], torch.zeros(3))  # the unused parameter moved by gamma*r
+
+
+def sgd_setup(seed=3, **sgd):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(50, 300), torch.nn.Tanh(), torch.nn.Linear(300, 7))
+    groups = [
+        {"params": list(net[0].parameters()), "lr": 0.1},
+        {"params": list(net[2].parameters()), "lr": 0.01},
+    ]
+    optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.01, **sgd)
+    return net, optimizer
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
+def test_fused_noise_and_sgd_step_equals_noise_then_sgd(kind):
+    """Three steps (the first creates the momentum buffers), two groups with their own lr, one
+    parameter without a gradient: the same gradients, buffers and parameters, bit for bit, as
+    the noise added and torch's SGD step taken after it (the kernel rounds as torch does)."""
+    if isotropic_noise.kernel_status().startswith("torch"):
+        pytest.skip(isotropic_noise.kernel_status())
+    x, y = torch.randn(20, 50, generator=torch.Generator().manual_seed(0)), torch.randn(20, 7)
+    runs = []
+    for fused in (False, True):
+        net, optimizer = sgd_setup()
+        params = list(net.parameters())
+        values = []
+        for iteration in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            F.mse_loss(net(x), y).backward()
+            if iteration == 1:
+                params[3].grad = None  # no gradient: it gets the noise alone, and is stepped
+            if fused:
+                value = ga.isotropic_sgd_step(optimizer, params, 0.5, kind, "sum", 7, iteration)
+                assert value is not None
+            else:
+                value = ga.add_isotropic_gradient_noise(params, 0.5, kind, "sum", 7, iteration)
+                optimizer.step()
+            values.append(value.item())
+        state = [optimizer.state[p]["momentum_buffer"] for p in params]
+        runs.append((values, [p.detach().clone() for p in params], [p.grad for p in params], state))
+    (values, *tensors), (fused_values, *fused_tensors) = runs
+    assert fused_values == pytest.approx(values, rel=1e-6)
+    for unfused, fused in zip(tensors, fused_tensors, strict=True):
+        for a, b in zip(unfused, fused, strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["nesterov", "dampening", "no_momentum", "sphere", "float64", "unlisted", "switched_off"],
+)
+def test_fused_step_declines_what_it_does_not_handle(case, monkeypatch):
+    sgd = {"nesterov": {"nesterov": True}, "dampening": {"dampening": 0.1}}.get(case, {})
+    net, optimizer = sgd_setup(**sgd)
+    if case == "no_momentum":
+        for group in optimizer.param_groups:
+            group["momentum"] = 0.0
+    if case == "float64":
+        net.double()
+    if case == "switched_off":
+        monkeypatch.setenv(isotropic_noise.ENV_SWITCH, "0")
+    params = list(net.parameters())
+    F.mse_loss(
+        net(torch.randn(4, 50, dtype=params[0].dtype)), torch.zeros(4, 7, dtype=params[0].dtype)
+    ).backward()
+    if case == "unlisted":  # the optimizer holds a parameter with a gradient that gets no noise
+        params = params[:-1]
+    before = [p.detach().clone() for p in params] + [p.grad.clone() for p in params]
+    kind = "sphere" if case == "sphere" else "gaussian"
+    assert ga.isotropic_sgd_step(optimizer, params, 0.5, kind, "sum", 0, 0) is None
+    after = [p.detach() for p in params] + [p.grad for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing was touched
+    assert not optimizer.state
+
+
+def test_training_step_with_isotropic_ga_takes_the_fused_step_on_cpu(monkeypatch):
+    """main.train_step with L_GA^I takes the fused step where the kernel is built, and the
+    unfused one without it (TIRG_GA_NOISE_KERNEL=0); both give the same parameters and value."""
+    if isotropic_noise.kernel_status().startswith("torch"):
+        pytest.skip(isotropic_noise.kernel_status())
+    args = ga_args("--ga_iso_gamma", "0.3", "--ga_iso_scale", "sum")
+    real, taken = ga.isotropic_sgd_step, []
+
+    def spy(*arguments):
+        result = real(*arguments)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(ga, "isotropic_sgd_step", spy)
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(isotropic_noise.ENV_SWITCH, switch)
+        model = small_real_model("tirg")
+        optimizer = main.build_optimizer(args, model)
+        cpu = torch.device("cpu")
+        values, params = [], []
+        for i in range(2):  # the first step creates the momentum buffers, the second uses them
+            main.seed_step(args.seed, 0, i)  # dropout
+            values.append(main.train_step(model, optimizer, make_batch(), args, cpu, i))
+            params.append([p.detach().clone() for p in model.parameters()])
+        results.append((values, params))
+    assert taken == [True, True, False, False]
+    (fused_values, fused_params), (values, params) = results
+    for a, b in zip(fused_values, values):  # float32 dot products with much cancellation
+        assert a["ga_iso"] == pytest.approx(b["ga_iso"], rel=1e-4)
+    # The kernel's noise differs from torch's functions in the last bits; after one step that
+    # is all, after two it has gone through a forward and backward pass (batch norm of 4).
+    for step, atol in enumerate((3e-7, 2e-5)):
+        for a, b in zip(fused_params[step], params[step]):
+            torch.testing.assert_close(a, b, rtol=0, atol=atol)
 
 
 # --------------------------------------------------------------------------- baselines

@@ -57,8 +57,8 @@ def test_kernel_gives_the_reference_stream(kind, size, offset):
     slow = noise.reference(size, kind, KEY, 0.3, offset)
     if kind == "uniform":  # integers and exact scalings only: bit for bit
         assert torch.equal(fast, slow)
-    else:  # log, cos and sin of two libraries: float32 rounding
-        torch.testing.assert_close(fast, slow, rtol=0, atol=3e-7)
+    else:  # the kernel's own sine and cosine, and float32 rounding: a few units in the last place
+        torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6 * 0.3)
 
 
 @pytest.mark.parametrize("switch", ["kernel", "torch"])
@@ -102,7 +102,7 @@ def test_the_torch_path_agrees_with_the_kernel(monkeypatch):
     monkeypatch.setenv(noise.ENV_SWITCH, "0")
     assert noise.kernel_status().startswith("torch operations")
     slow = noise.fill_(torch.empty(100_000), "gaussian", KEY, 0.5)
-    torch.testing.assert_close(fast, slow, rtol=0, atol=5e-7)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-6 * 0.5)
 
 
 def test_gaussian_statistics():
