@@ -168,6 +168,7 @@ class _Conv2d(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.conf = conf
         ctx.has_bias = bias is not None
+        ctx.input_node = _gradient_node(x)
         ctx.weight_node, ctx.bias_node = _gradient_node(weight), _gradient_node(bias)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
@@ -180,7 +181,9 @@ class _Conv2d(torch.autograd.Function):
         if want_x and torch.is_grad_enabled():  # create_graph: dL/dx must be differentiable
             grad_x = _Conv2dInputGrad.apply(grad_output, x, weight, ctx.conf)
             want_x = False
-        mask = _first_order_mask(ctx, want_x)
+        # The images' gradient only when this pass uses it (not in the final backward, which
+        # train_step runs for the parameters alone): the first layer's costliest term.
+        mask = _first_order_mask(ctx, want_x and _engine_will_compute(ctx.input_node))
         grad_weight = grad_bias = None
         if any(mask):
             bias_sizes = [weight.shape[0]] if ctx.has_bias else None

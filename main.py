@@ -700,10 +700,14 @@ def train_step(
     terms = compute_loss_terms(model, batch, args, device, scaler)
     total = total_loss(terms, args)
     optimizer.zero_grad(set_to_none=True)
+    # With L_GA^A on pixels or FGSM the query images require gradients; the parameters' backward
+    # pass does not need theirs.
+    image_gradients = (args.ga_adv_eps > 0 and args.ga_adv_input == "pixels") or args.fgsm_eps > 0
+    inputs = trainable_parameters(model) if image_gradients else None
     if scaler is None:
-        total.backward()
+        total.backward(inputs=inputs)
     else:
-        scaler.scale(total).backward()
+        scaler.scale(total).backward(inputs=inputs)
         scaler.unscale_(optimizer)
     values = {name: value.item() for name, value in terms.items()}
     values["total"] = total.item()

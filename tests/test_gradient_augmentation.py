@@ -220,6 +220,49 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives():
     assert names == {"_BatchNorm2dBackward", "_Conv2dBackward"}
 
 
+def test_the_parameters_backward_skips_the_images_gradient():
+    """After dL/dx (create_graph), the backward for the parameters alone (train_step's
+    ``inputs=``) computes no gradient for the images: the first convolution's input gradient is
+    the costliest term there. The parameters' gradients are those of a full backward."""
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, 3, padding=1),
+    ).double()  # fmt: skip
+    images = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    seen = []
+
+    class RecordConvolutionBackward(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                seen.append((tuple(args[1].shape), args[-1][0]))  # (input shape, input grad?)
+            return func(*args, **(kwargs or {}))
+
+    # main.train_step with --ga: the images' gradient once, for dL/dx only.
+    model, batch = small_real_model("tirg"), make_batch(size=32)
+    optimizer = main.build_optimizer(ga_args("--ga"), model)
+    with RecordConvolutionBackward():
+        main.train_step(model, optimizer, batch, ga_args("--ga"), torch.device("cpu"), 0)
+    assert sum(wanted for shape, wanted in seen if shape == (4, 3, 32, 32)) == 1
+
+    grads = []
+    for inputs in (None, list(net.parameters())):
+        net.zero_grad()
+        x = images.clone().requires_grad_()
+        with ga.fast_double_backward():
+            loss = net(x).pow(2).mean()
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        seen.clear()
+        with RecordConvolutionBackward():
+            (loss + ga.adversarial_gradient_augmentation(grad, 0.1)).backward(inputs=inputs)
+        grads.append([p.grad.clone() for p in net.parameters()])
+        image_gradients = sum(wanted for shape, wanted in seen if shape == images.shape)
+        assert image_gradients == (1 if inputs is None else 0)
+        assert (x.grad is None) == (inputs is not None)
+    for full, parameters_only in zip(*grads):
+        torch.testing.assert_close(parameters_only, full, rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize(
     "shape, conf",
     [
