@@ -8,16 +8,18 @@
   ``torch.autograd.grad(..., create_graph=True)`` so that the term can be differentiated.
 - Isotropic GA, L_GA^I = gamma * sum_p s_p <r_p, theta_p> with r redrawn every step. Its gradient
   w.r.t. theta_p is gamma * s_p * r_p, independent of theta, so training adds it to the gradients
-  after backward (``add_isotropic_gradient_noise``) instead of building a graph over every
-  parameter; ``isotropic_gradient_augmentation_loss`` is the loss form, kept as the reference
-  the tests compare against.
+  after backward (``add_isotropic_gradient_noise``; on CPU ``isotropic_sgd_step`` also takes
+  SGD's step in the same pass) instead of building a graph over every parameter;
+  ``isotropic_gradient_augmentation_loss`` is the loss form, kept as the reference the tests
+  compare against.
 - ``fast_double_backward``: a context for the forward pass under which convolutions and batch
   norms record fast second derivatives, which L_GA^A on pixels needs (same values and first
   derivatives as the built-in ops).
 - Baselines of the paper's comparison tables: ``fgsm_example`` (FGSM adversarial training on the
   query image) and the ``l1_regularization`` / ``l2_regularization`` weight penalties.
 
-Every function takes tensors and returns tensors; none knows about models or datasets.
+The functions take tensors (and an optimizer) and return tensors; none knows about models or
+datasets.
 """
 
 from __future__ import annotations
@@ -473,12 +475,8 @@ def add_isotropic_gradient_noise(
 
         def add(k: int) -> torch.Tensor:
             param, grad = params[k].detach(), params[k].grad
-            if (
-                generators[k] is None
-                and kind != "sphere"
-                and param.is_contiguous()
-                and (grad.is_contiguous())
-            ):
+            fused = generators[k] is None and kind != "sphere"
+            if fused and param.is_contiguous() and grad.is_contiguous():
                 value = isotropic_noise.add_(grad.view(-1), param.view(-1), kind, keys[k], std[k])
                 return torch.tensor(value, dtype=torch.float64)
             r = _draw(param, kind, std[k], keys[k], generators[k])
@@ -507,8 +505,8 @@ def isotropic_sgd_step(
     For torch.optim.SGD with momentum (no dampening, not Nesterov, not maximizing) on float32 CPU
     tensors, when ``params`` are the optimizer's parameters that have gradients and the kernel
     is built; otherwise it does nothing and returns None, and the caller adds the noise and steps
-    as usual. The gradients, momentum buffers and parameters are those of the unfused path up to
-    float rounding (tested). Returns the loss-form value, as ``add_isotropic_gradient_noise``.
+    as usual. The gradients, momentum buffers and parameters are those of the unfused path, bit
+    for bit (tested). Returns the loss-form value, as ``add_isotropic_gradient_noise``.
     """
     _check_noise(kind)
     if type(optimizer) is not torch.optim.SGD or kind == "sphere" or not params:
@@ -516,7 +514,8 @@ def isotropic_sgd_step(
     groups = {}
     for group in optimizer.param_groups:
         plain = not (group["dampening"] or group["nesterov"] or group["maximize"])
-        if not (plain and group["momentum"] and not group.get("differentiable")):
+        numbers = all(isinstance(group[k], float | int) for k in ("lr", "weight_decay"))
+        if not (plain and numbers and group["momentum"] and not group.get("differentiable")):
             return None
         for p in group["params"]:
             groups[p] = group
@@ -526,9 +525,8 @@ def isotropic_sgd_step(
         return None  # the optimizer would step tensors without noise, or the noise go unstepped
 
     def fits(t: torch.Tensor | None) -> bool:  # what the kernel works on in place
-        return t is None or (t.device.type == "cpu" and t.dtype == torch.float32 and (
-            t.is_contiguous()
-        ))  # fmt: skip
+        cpu32 = t is not None and t.device.type == "cpu" and t.dtype == torch.float32
+        return t is None or (cpu32 and t.is_contiguous())
 
     buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
     if not all(fits(p) and fits(p.grad) and fits(b) for p, b in zip(params, buffers)) or (

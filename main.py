@@ -694,8 +694,8 @@ def train_step(
     the same r. L_GA^I's gradient, gamma * s_p * r_p, is added to the gradients between
     backward and step: after DDP has averaged them, so every rank adds the same noise, and after
     the GradScaler (``scaler``, fp16) has unscaled them. On CPU the noise and SGD's step are one
-    pass (``ga.isotropic_sgd_step``). With an enabled scaler the values also
-    hold 'fp16_skipped': 1.0 when the scaler skipped the step (inf/NaN gradients).
+    pass (``ga.isotropic_sgd_step``). With an enabled scaler the values also hold
+    'fp16_skipped': 1.0 when the scaler skipped the step (inf/NaN gradients).
     """
     terms = compute_loss_terms(model, batch, args, device, scaler)
     total = total_loss(terms, args)
@@ -720,7 +720,7 @@ def train_step(
         ga_iso = None
         if scaler is None or not scaler.is_enabled():  # noise and SGD step in one pass (CPU)
             ga_iso = ga.isotropic_sgd_step(optimizer, *iso)
-            stepped = ga_iso is not None
+        stepped = ga_iso is not None
         if not stepped:
             ga_iso = ga.add_isotropic_gradient_noise(*iso)
         values["ga_iso"] = ga_iso.item()
