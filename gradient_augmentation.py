@@ -217,29 +217,31 @@ class _BatchNormInputGrad(torch.autograd.Function):
             grad_output, x, weight, None, None, mean, invstd, True, eps, [True, True, True]
         )
         ctx.save_for_backward(grad_output, x, weight, mean, invstd, sum_gy_xhat, sum_gy)
+        ctx.eps = eps
         return grad_x
 
     @staticmethod
     def backward(ctx, a):
         grad_output, x, weight, mean, invstd, sum_gy_xhat, sum_gy = ctx.saved_tensors
         count = x.numel() // x.shape[1]
-        dims = (0, 2, 3)
         s, gamma = invstd, weight
         m1, m2 = sum_gy / count, sum_gy_xhat / count
-        x_hat = (x - _channel(mean)) * _channel(s)
-        a_mean = a.mean(dims)
-        a_xhat = (a * x_hat).mean(dims)
-        a_gy = (a * grad_output).mean(dims)
-        d_grad_output = d_x = d_gamma = None
-        if ctx.needs_input_grad[0]:
-            gs = gamma * s
-            d_grad_output = torch.addcmul(_channel(-gs * a_mean), a, _channel(gs))
-            d_grad_output.addcmul_(x_hat, _channel(-gs * a_xhat))
+        # d gy is batch norm's own input gradient for the upstream a, and the same fused pass
+        # sums a x_hat and a over each channel.
+        d_grad_output, sum_a_xhat, sum_a = torch.ops.aten.native_batch_norm_backward(
+            a, x, weight, None, None, mean, invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], True, True],
+        )  # fmt: skip
+        a_mean, a_xhat = sum_a / count, sum_a_xhat / count
+        d_x = d_gamma = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            a_gy = (a * grad_output).sum((0, 2, 3)) / count
         if ctx.needs_input_grad[1]:
             gs2 = gamma * s * s
             k_xhat = gs2 * (3 * m2 * a_xhat + m1 * a_mean - a_gy)
             constant = gs2 * (a_xhat * m1 + m2 * a_mean)
-            d_x = torch.addcmul(_channel(constant), x_hat, _channel(k_xhat))
+            # x_hat k = (x - mu) (s k): one pass fewer than forming x_hat
+            d_x = torch.addcmul(_channel(constant), x - _channel(mean), _channel(s * k_xhat))
             d_x.addcmul_(grad_output, _channel(-gs2 * a_xhat))
             d_x.addcmul_(a, _channel(-gs2 * m2))
         if ctx.needs_input_grad[2]:
