@@ -522,18 +522,12 @@ def isotropic_sgd_step(
         for p in group["params"]:
             groups[p] = group
     wanted = {id(p) for p in params}
-    stepped = [p for p in groups if p.grad is not None or id(p) in wanted]
-    if len(stepped) != len(params) or any(id(p) not in wanted for p in stepped):
-        return None  # the optimizer would step tensors without noise, or the noise go unstepped
-
-    def fits(t: torch.Tensor | None) -> bool:  # what the kernel works on in place
-        cpu32 = t is not None and t.device.type == "cpu" and t.dtype == torch.float32
-        return t is None or (cpu32 and t.is_contiguous())
-
+    with_grad = {id(p) for p in groups if p.grad is not None}
+    if not wanted <= {id(p) for p in groups} or not with_grad <= wanted:
+        return None  # the noise would go unstepped, or the optimizer step tensors without noise
     buffers = [optimizer.state.get(p, {}).get("momentum_buffer") for p in params]
-    if not all(fits(p) and fits(p.grad) and fits(b) for p, b in zip(params, buffers)) or (
-        isotropic_noise.kernel_status().startswith("torch")
-    ):
+    tensors = [t for p, b in zip(params, buffers) for t in (p, p.grad, b) if t is not None]
+    if not isotropic_noise.kernel_accepts(*tensors):
         return None
     std = [_noise_std(p, gamma, scale) for p in params]
     keys = isotropic_noise.step_keys(seed, iteration, len(params))

@@ -205,8 +205,14 @@ def _build() -> str:
     return path
 
 
+def kernel_accepts(*tensors: torch.Tensor) -> bool:
+    """Whether the kernel is built and can work on these tensors in place (float32, contiguous,
+    on the CPU)."""
+    return _kernel_for(*tensors) is not None
+
+
 def _kernel_for(*tensors: torch.Tensor):
-    """The kernel when it can work on these tensors in place (float32, contiguous, CPU)."""
+    """The kernel when it can work on these tensors in place, else None."""
     if not all(
         t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors
     ):

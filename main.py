@@ -702,8 +702,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     # With L_GA^A on pixels or FGSM the query images require gradients; the parameters' backward
     # pass does not need theirs.
+    params = trainable_parameters(model)
     image_gradients = (args.ga_adv_eps > 0 and args.ga_adv_input == "pixels") or args.fgsm_eps > 0
-    inputs = trainable_parameters(model) if image_gradients else None
+    inputs = params if image_gradients else None
     if scaler is None:
         total.backward(inputs=inputs)
     else:
@@ -714,9 +715,13 @@ def train_step(
     stepped = False
     if args.ga_iso_gamma > 0:
         iso = (
-            trainable_parameters(model), args.ga_iso_gamma, args.ga_iso_noise,
-            args.ga_iso_scale, args.seed, iteration,
-        )  # fmt: skip
+            params,
+            args.ga_iso_gamma,
+            args.ga_iso_noise,
+            args.ga_iso_scale,
+            args.seed,
+            iteration,
+        )
         ga_iso = None
         if scaler is None or not scaler.is_enabled():  # noise and SGD step in one pass (CPU)
             ga_iso = ga.isotropic_sgd_step(optimizer, *iso)

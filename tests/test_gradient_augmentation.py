@@ -463,7 +463,16 @@ def test_fused_noise_and_sgd_step_equals_noise_then_sgd(kind):
 
 @pytest.mark.parametrize(
     "case",
-    ["nesterov", "dampening", "no_momentum", "sphere", "float64", "unlisted", "switched_off"],
+    [
+        "nesterov",
+        "dampening",
+        "no_momentum",
+        "sphere",
+        "float64",
+        "unlisted",
+        "foreign",
+        "switched_off",
+    ],
 )
 def test_fused_step_declines_what_it_does_not_handle(case, monkeypatch):
     sgd = {"nesterov": {"nesterov": True}, "dampening": {"dampening": 0.1}}.get(case, {})
@@ -481,6 +490,9 @@ def test_fused_step_declines_what_it_does_not_handle(case, monkeypatch):
     ).backward()
     if case == "unlisted":  # the optimizer holds a parameter with a gradient that gets no noise
         params = params[:-1]
+    if case == "foreign":  # a parameter would get noise that no optimizer step applies
+        params = [*params, torch.nn.Parameter(torch.zeros(3))]
+        params[-1].grad = torch.zeros(3)
     before = [p.detach().clone() for p in params] + [p.grad.clone() for p in params]
     kind = "sphere" if case == "sphere" else "gaussian"
     assert ga.isotropic_sgd_step(optimizer, params, 0.5, kind, "sum", 0, 0) is None
