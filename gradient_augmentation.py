@@ -116,13 +116,9 @@ class _Conv2dInputGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_output, x, weight, conf):
-        stride, padding, dilation, groups = conf
         ctx.save_for_backward(grad_output, x, weight)
         ctx.conf = conf
-        return torch.ops.aten.convolution_backward(
-            grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [True, False, False],
-        )[0]  # fmt: skip
+        return _conv2d_input_grad(grad_output, x, weight, *conf)
 
     @staticmethod
     def backward(ctx, grad_grad_input):
@@ -136,31 +132,75 @@ class _Conv2dInputGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # <ggI, convT(gO, W)> is linear in W: its gradient is conv2d's weight gradient with
             # ggI as the input and gO as the output gradient.
-            d_weight = _conv2d_weight_grad(
-                grad_output, grad_grad_input, weight, stride, padding, dilation, groups
-            )
+            d_weight = torch.ops.aten.convolution_backward(
+                grad_output, grad_grad_input, weight, None, stride, padding, dilation, False,
+                [0, 0], groups, [False, True, False],
+            )[1]  # fmt: skip
         return d_grad_output, None, d_weight, None
 
 
-# oneDNN's convolution weight gradient is slow on tiny output maps: ResNet's last stage at 64x64
-# images (2x2) took 10 ms for 32 x 512 x 2 x 2 with a 3x3 kernel, where one matrix product over
-# the unfolded patches takes 4 ms (2 CPU threads). Larger maps stay with oneDNN, which wins there.
-_GEMM_MAX_OUTPUT_PIXELS = 4
+def _conv2d_input_grad(grad_output, x, weight, stride, padding, dilation, groups):
+    """conv2d's input gradient for output gradient ``grad_output`` at ``x``."""
+    kernel = weight.shape[2:]
+    if (
+        x.device.type == "cpu"
+        and groups == 1
+        and dilation == [1, 1]
+        and x.shape[1] <= 4
+        and max(stride) > 1
+        and all(k > 2 * s for k, s in zip(kernel, stride))
+    ):
+        return _conv2d_input_grad_polyphase(grad_output, x.shape, weight, stride, padding)
+    return torch.ops.aten.convolution_backward(
+        grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [True, False, False],
+    )[0]  # fmt: skip
 
 
-def _conv2d_weight_grad(grad_output, input, weight, stride, padding, dilation, groups):
-    """conv2d's weight gradient for output gradient ``grad_output`` at ``input``."""
-    batch, channels_out, height, width = grad_output.shape
-    pixels = height * width
-    if groups != 1 or pixels > _GEMM_MAX_OUTPUT_PIXELS or input.device.type != "cpu":
-        return torch.ops.aten.convolution_backward(
-            grad_output, input, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [False, True, False],
-        )[1]  # fmt: skip
-    patches = F.unfold(input, weight.shape[2:], dilation, padding, stride)  # (N, C k k, H W)
-    patches = patches.transpose(1, 2).reshape(batch * pixels, -1)
-    grads = grad_output.reshape(batch, channels_out, pixels).transpose(0, 1)
-    return (grads.reshape(channels_out, batch * pixels) @ patches).view_as(weight)
+# A strided convolution's input gradient to an image (ResNet's stem: 3 channels, 7x7, stride 2)
+# is slow in oneDNN on CPU: 9.7 ms for 32 images of 64x64 (2 threads), of which little is
+# arithmetic. Split by the phase (i mod s, j mod s) of the input pixel, it is s*s stride-1
+# correlations of dL/dy with sub-kernels of the weight; run as one convolution with C_in*s*s
+# output channels and interleaved by pixel_shuffle, it takes 3.6 ms. Per dimension, with
+# y[a] = sum_p x[s a - P + p] w[p] and i = s u + r: dL/dx[i] = sum_m dL/dy[u - m] w[s m + r + P],
+# m from M0 = ceil(-(s - 1 + P) / s) to M1 = floor((k - 1 - P) / s), taps outside the kernel
+# being 0. Larger kernels per phase win; few taps (a 3x3, stride 2 stem) and many input
+# channels do not, and stay with oneDNN.
+
+
+def _phase_taps(kernel: int, stride: int, padding: int):
+    """(M0, M1, index, inside): for each phase r (rows) and tap t (columns, m = M1 - t) the
+    kernel index s m + r + P, and whether it lies in the kernel."""
+    m0, m1 = -((stride - 1 + padding) // stride), (kernel - 1 - padding) // stride
+    index = stride * torch.arange(m1, m0 - 1, -1) + torch.arange(stride)[:, None] + padding
+    return m0, m1, index.clamp(0, kernel - 1), (index >= 0) & (index < kernel)
+
+
+def _conv2d_input_grad_polyphase(grad_output, input_shape, weight, stride, padding):
+    batch, channels_in = input_shape[:2]
+    sizes = input_shape[2:]
+    (m0_h, m1_h, rows, rows_in), (m0_w, m1_w, cols, cols_in) = (
+        _phase_taps(k, s, p) for k, s, p in zip(weight.shape[2:], stride, padding)
+    )
+    # sub-kernels (C_out, C_in, s_h, T_h, s_w, T_w) -> (C_in s_h s_w, C_out, T_h, T_w)
+    inside = rows_in[:, :, None, None] & cols_in[None, None]
+    sub = torch.where(inside, weight[:, :, rows[:, :, None, None], cols[None, None]], 0)
+    sub = sub.permute(1, 2, 4, 0, 3, 5).reshape(-1, weight.shape[0], rows.shape[1], cols.shape[1])
+    counts, pads, crops = [], [], []
+    for size, out_size, s, m0, m1 in zip(
+        sizes, grad_output.shape[2:], stride, (m0_h, m0_w), (m1_h, m1_w)
+    ):
+        count = -(-size // s)  # phase positions u = 0 .. count - 1 reach every input index
+        pad = max(m1, count - m0 - out_size, 0)  # dL/dy[u - M1] .. dL/dy[u - M0], 0 outside
+        counts.append(count)
+        pads.append(pad)
+        crops.append(slice(pad - m1, pad - m1 + count))
+    y = F.conv2d(grad_output, sub, None, 1, pads)[:, :, crops[0], crops[1]]
+    y = y.reshape(batch, channels_in, stride[0], stride[1], counts[0], counts[1])
+    grad = y.permute(0, 1, 4, 2, 5, 3).reshape(
+        batch, channels_in, counts[0] * stride[0], counts[1] * stride[1]
+    )
+    return grad[:, :, : sizes[0], : sizes[1]]
 
 
 class _Conv2d(torch.autograd.Function):

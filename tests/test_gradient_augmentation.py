@@ -220,7 +220,7 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives():
     assert names == {"_BatchNorm2dBackward", "_Conv2dBackward"}
 
 
-def test_the_parameters_backward_skips_the_images_gradient():
+def test_the_parameters_backward_skips_the_images_gradient(monkeypatch):
     """After dL/dx (create_graph), the backward for the parameters alone (train_step's
     ``inputs=``) computes no gradient for the images: the first convolution's input gradient is
     the costliest term there. The parameters' gradients are those of a full backward."""
@@ -238,12 +238,22 @@ def test_the_parameters_backward_skips_the_images_gradient():
                 seen.append((tuple(args[1].shape), args[-1][0]))  # (input shape, input grad?)
             return func(*args, **(kwargs or {}))
 
-    # main.train_step with --ga: the images' gradient once, for dL/dx only.
+    # main.train_step with --ga: the images' gradient once, for dL/dx only (ResNet's stem takes
+    # the polyphase path, which does not call convolution_backward).
     model, batch = small_real_model("tirg"), make_batch(size=32)
     optimizer = main.build_optimizer(ga_args("--ga"), model)
+    input_grads = []
+
+    def record(grad_output, x, *conf):
+        input_grads.append(tuple(x.shape))
+        return conv2d_input_grad(grad_output, x, *conf)
+
+    conv2d_input_grad = ga._conv2d_input_grad
+    monkeypatch.setattr(ga, "_conv2d_input_grad", record)
     with RecordConvolutionBackward():
         main.train_step(model, optimizer, batch, ga_args("--ga"), torch.device("cpu"), 0)
-    assert sum(wanted for shape, wanted in seen if shape == (4, 3, 32, 32)) == 1
+    shape = (4, 3, 32, 32)
+    assert input_grads.count(shape) + sum(w for s, w in seen if s == shape) == 1
 
     grads = []
     for inputs in (None, list(net.parameters())):
@@ -264,26 +274,39 @@ def test_the_parameters_backward_skips_the_images_gradient():
 
 
 @pytest.mark.parametrize(
-    "shape, conf",
+    "shape, conf, polyphase",
     [
-        ((4, 6, 2, 2), dict(kernel_size=3, padding=1)),  # ResNet's last stage at 64x64
-        ((4, 6, 4, 4), dict(kernel_size=3, stride=2, padding=1)),
-        ((3, 5, 5, 5), dict(kernel_size=3, stride=2, padding=2, dilation=2)),
-        ((4, 6, 2, 1), dict(kernel_size=1)),
-        ((2, 4, 6, 6), dict(kernel_size=3, stride=1, padding=1)),  # 36 pixels: oneDNN's path
+        ((2, 3, 16, 16), dict(kernel_size=7, stride=2, padding=3), True),  # ResNet's stem
+        ((2, 3, 17, 15), dict(kernel_size=7, stride=2, padding=3), True),  # odd sizes
+        ((2, 1, 17, 19), dict(kernel_size=(7, 5), stride=(3, 2), padding=(1, 2)), True),
+        ((1, 2, 9, 9), dict(kernel_size=(5, 7), stride=2, padding=0), True),
+        ((1, 4, 13, 12), dict(kernel_size=7, stride=3, padding=4), True),  # padding > stride
+        ((2, 3, 16, 16), dict(kernel_size=3, stride=2, padding=1), False),  # few taps
+        ((2, 6, 16, 16), dict(kernel_size=7, stride=2, padding=3), False),  # many channels
+        ((2, 3, 9, 9), dict(kernel_size=5, stride=2, padding=2, dilation=2), False),
+        ((2, 3, 9, 9), dict(kernel_size=3, stride=1, padding=1), False),
     ],
 )
-def test_conv2d_weight_grad_equals_the_built_in(shape, conf):
+def test_conv2d_input_grad_equals_the_built_in(shape, conf, polyphase):
+    """dL/dx of a convolution, by the polyphase correlation (image stems) or oneDNN."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(shape[1], 7, bias=False, **conf).double()
-    x = torch.randn(shape, dtype=torch.float64)
+    conv = torch.nn.Conv2d(shape[1], 5, bias=False, **conf).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     out = conv(x)
-    grad_output = torch.randn(out.shape[::-1], dtype=torch.float64).permute(3, 2, 1, 0)
-    (expected,) = torch.autograd.grad(out, conv.weight, grad_output)
-    got = ga._conv2d_weight_grad(
-        grad_output, x, conv.weight, list(conv.stride), list(conv.padding), list(conv.dilation), 1
-    )
+    grad_output = torch.randn(out.shape, dtype=torch.float64)
+    (expected,) = torch.autograd.grad(out, x, grad_output)
+    calls = []
+
+    class RecordConvolutionBackward(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    pairs = [list(conv.stride), list(conv.padding), list(conv.dilation)]
+    with RecordConvolutionBackward():
+        got = ga._conv2d_input_grad(grad_output, x.detach(), conv.weight.detach(), *pairs, 1)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert (torch.ops.aten.convolution_backward.default not in calls) == polyphase
 
 
 def test_adversarial_term_rejects_an_unknown_norm():
