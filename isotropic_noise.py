@@ -30,17 +30,12 @@ function of (seed, iteration).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 
 import numpy as np
 import torch
+
+import cpu_kernels
 
 KINDS = ("gaussian", "uniform")
 BLOCK = 2048  # elements per block of the stream; chunk offsets are multiples of it
@@ -52,14 +47,6 @@ _TWO_PI_2M24 = float(np.float32(2 * math.pi)) * 2.0**-24
 # Chunks of the torch path: below ATen's parallel grain size (32768), so that every op runs
 # serially in the thread that called it (the callers spread tensors over a thread pool).
 _TORCH_CHUNK = 16 * BLOCK
-
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "isotropic_noise.c")
-_FLAGS = (
-    "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
-    "-fno-signed-zeros", "-ffp-contract=off", "-fPIC", "-shared",
-)  # fmt: skip
-_LIBS = ("-lmvec", "-lm")
-_VERSION = 3
 
 
 def step_keys(seed: int, iteration: int, count: int) -> list[int]:
@@ -114,95 +101,33 @@ def reference(n: int, kind: str, key: int, scale: float = 1.0, offset: int = 0) 
 
 # --------------------------------------------------------------------------- the C kernel
 
-_kernel_lock = threading.Lock()
-_kernel: dict = {}  # "lib" and "status" once loaded
+
+def _declare(lib: ctypes.CDLL) -> None:
+    head = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_float]
+    lib.tirg_noise_fill.restype = None
+    lib.tirg_noise_fill.argtypes = [*head, ctypes.c_void_p, ctypes.c_int64]
+    lib.tirg_noise_add.restype = ctypes.c_double
+    lib.tirg_noise_add.argtypes = [*head, *[ctypes.c_void_p] * 2, ctypes.c_int64]
+    lib.tirg_noise_sgd.restype = ctypes.c_double
+    lib.tirg_noise_sgd.argtypes = [
+        *head, *[ctypes.c_void_p] * 3, ctypes.c_int, *[ctypes.c_float] * 3, ctypes.c_int64,
+    ]  # fmt: skip
+
+
+def _require_vector_math(binary: bytes) -> None:
+    if b"_ZGV" not in binary:  # no call to the vector math library: slower than torch
+        raise OSError("the compiler did not vectorize log/cos/sin (no libmvec)")
+
+
+KERNEL = cpu_kernels.Kernel(
+    "isotropic_noise.c", "tirg_noise_", 3, _declare, ENV_SWITCH, ("-lmvec", "-lm"),
+    _require_vector_math,
+)  # fmt: skip
 
 
 def kernel_status() -> str:
     """What computes the stream in this process: the kernel's path, or why the torch path."""
-    return _load_kernel()[1]
-
-
-def _load_kernel():
-    with _kernel_lock:
-        if os.environ.get(ENV_SWITCH, "1") == "0":
-            return None, f"torch operations ({ENV_SWITCH}=0)"
-        if not _kernel:
-            try:
-                lib = ctypes.CDLL(_build())
-                if lib.tirg_noise_version() != _VERSION:
-                    raise OSError(f"{_SOURCE} and isotropic_noise.py disagree on the version")
-                head = [ctypes.c_int, ctypes.c_uint64, ctypes.c_int64, ctypes.c_float]
-                lib.tirg_noise_fill.restype = None
-                lib.tirg_noise_fill.argtypes = [*head, ctypes.c_void_p, ctypes.c_int64]
-                lib.tirg_noise_add.restype = ctypes.c_double
-                lib.tirg_noise_add.argtypes = [*head, *[ctypes.c_void_p] * 2, ctypes.c_int64]
-                lib.tirg_noise_sgd.restype = ctypes.c_double
-                lib.tirg_noise_sgd.argtypes = [
-                    *head, *[ctypes.c_void_p] * 3, ctypes.c_int, *[ctypes.c_float] * 3,
-                    ctypes.c_int64,
-                ]  # fmt: skip
-                _kernel.update(lib=lib, status=f"C kernel {lib._name}")
-            except (OSError, subprocess.SubprocessError) as e:
-                _kernel.update(lib=None, status=f"torch operations (no C kernel: {e})")
-        return _kernel["lib"], _kernel["status"]
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.path.join(root, "tirg-ga", "kernels")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return folder
-    except OSError:
-        pass
-    return tempfile.mkdtemp(prefix="tirg-ga-kernels-")
-
-
-def _cpu_identity() -> bytes:
-    """What -march=native depends on: the CPU's feature flags where Linux lists them."""
-    try:
-        with open("/proc/cpuinfo", "rb") as f:
-            for line in f:
-                if line.startswith((b"flags", b"Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor().encode()
-
-
-def _build() -> str:
-    """The path of the compiled kernel, compiled into the cache unless it is there already."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise OSError("no C compiler (cc, or $CC) on PATH")
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    identity = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(_FLAGS + _LIBS).encode(),
-                    platform.machine().encode(), _cpu_identity()])
-    ).hexdigest()[:16]  # fmt: skip
-    path = os.path.join(_cache_dir(), f"isotropic_noise-{identity}.so")
-    if os.path.exists(path):
-        return path
-    tmp = f"{path}.tmp.{os.getpid()}"  # several processes may build at once: rename atomically
-    try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, _SOURCE, "-o", tmp, *_LIBS],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            raise OSError(f"{os.path.basename(compiler)} failed: {last}")
-        with open(tmp, "rb") as f:
-            if b"_ZGV" not in f.read():  # no call to the vector math library: slower than torch
-                raise OSError("the compiler did not vectorize log/cos/sin (no libmvec)")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return KERNEL.load()[1]
 
 
 def kernel_accepts(*tensors: torch.Tensor) -> bool:
@@ -217,7 +142,7 @@ def _kernel_for(*tensors: torch.Tensor):
         t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors
     ):
         return None
-    return _load_kernel()[0]
+    return KERNEL.load()[0]
 
 
 # --------------------------------------------------------------------------- public operations

@@ -179,19 +179,27 @@ def test_adversarial_term_gradient_matches_finite_differences(q):
     assert torch.autograd.gradcheck(term, (x, conv, linear), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_fast_double_backward_matches_the_built_in_second_derivatives():
+@pytest.mark.parametrize(
+    "dtype, bn_kernel", [(torch.float64, "1"), (torch.float32, "1"), (torch.float32, "0")]
+)
+def test_fast_double_backward_matches_the_built_in_second_derivatives(
+    dtype, bn_kernel, monkeypatch
+):
     """Convolutions (bias, stride, dilation, groups) and training-mode batch norms recorded
     by ``fast_double_backward``: same values, dL/dx, L_GA^A, weight gradients and running
-    statistics as the built-in ops, in float64."""
+    statistics as the built-in ops. float64 takes the torch paths; float32 the batch-norm
+    C kernel where it is built (and TIRG_GA_BN_KERNEL=0 the torch path), against the built-in
+    ops in float64."""
+    monkeypatch.setenv("TIRG_GA_BN_KERNEL", bn_kernel)
     torch.manual_seed(7)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        torch.nn.Conv2d(3, 4, 5, stride=2, padding=2),  # a stem: the polyphase input gradient
         torch.nn.BatchNorm2d(4),
         torch.nn.ReLU(),
         torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
         torch.nn.BatchNorm2d(6),
         torch.nn.Tanh(),
-        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),  # a 2x2 map: the matrix-product path
+        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),  # a 2x2 map: batch norm's C kernel
         torch.nn.BatchNorm2d(5),
         torch.nn.Tanh(),
     ).double()
@@ -199,10 +207,10 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives():
     targets = torch.randn(5, 5, dtype=torch.float64)
 
     def run(model, fast):
-        x = images.clone().requires_grad_()
+        x = images.clone().to(dtype if fast else torch.float64).requires_grad_()
         with ga.fast_double_backward() if fast else contextlib.nullcontext():
             features = model(x).mean(dim=(2, 3))
-        loss = torch_function.batch_classification_loss(features, targets)
+        loss = torch_function.batch_classification_loss(features, targets.to(x.dtype))
         (grad,) = torch.autograd.grad(loss, x, create_graph=True)
         term = ga.adversarial_gradient_augmentation(grad, 0.3, 2.0)
         model.zero_grad()
@@ -210,14 +218,99 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives():
         grads = [p.grad for p in model.parameters()]
         return [features, grad, term, *grads, *model.buffers()]
 
-    built_in, fast = run(copy.deepcopy(net), False), run(copy.deepcopy(net), True)
+    built_in, fast = run(copy.deepcopy(net), False), run(copy.deepcopy(net).to(dtype), True)
     for a, b in zip(built_in, fast, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        else:
+            # at least 1e-6: a bias before batch norm has a gradient of 0 in exact arithmetic,
+            # float32 rounding there reaches 2e-7
+            scale = max(a.abs().max().item() if a.is_floating_point() else 0, 0.1)
+            torch.testing.assert_close(b.to(a.dtype), a, rtol=1e-4, atol=1e-5 * scale)
     # The Functions were used: the graph holds them, not the built-in nodes.
     x = images.clone().requires_grad_()
     with ga.fast_double_backward():
         names = {type(net[1](net[0](x)).grad_fn).__name__, type(net[0](x).grad_fn).__name__}
     assert names == {"_BatchNorm2dBackward", "_Conv2dBackward"}
+
+
+def batch_norm_input_grad(dtype, shape, seed=0):
+    """dL/dx of a training-mode batch norm (``ga._BatchNormInputGrad``) at random data, as a
+    function of (dL/dy, x, gamma), and an upstream gradient for it."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1).to(dtype)
+    gamma = (torch.rand(shape[1], generator=generator, dtype=torch.float64) + 0.5).to(dtype)
+    grad_output = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    upstream = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    _, mean, invstd = torch.ops.aten.native_batch_norm(x, gamma, None, None, None, True, 0.1, 1e-5)
+    inputs = [t.clone().requires_grad_() for t in (grad_output, x, gamma)]
+    grad_x = ga._BatchNormInputGrad.apply(*inputs, mean, invstd, 1e-5)
+    return grad_x, inputs, upstream
+
+
+def assert_close_to_float32_rounding(got, want):
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "shape, threads",
+    [((4, 3, 2, 2), 1), ((3, 5, 1, 3), 1), ((2, 4, 7, 5), 1), ((5, 3, 1, 1), 1),
+     ((2, 4, 512, 512), 2)],  # 2^21 elements: two threads
+)  # fmt: skip
+def test_batch_norm_kernel_against_float64(shape, threads, monkeypatch):
+    """batch_norm_kernel.c's dL/dx (maps of at most 4 pixels) and its second derivatives
+    (d dL/dy, d x, d gamma) against the torch path in float64."""
+    if ga.BATCH_NORM_KERNEL.load()[0] is None:
+        pytest.skip(f"no C kernel here: {ga.BATCH_NORM_KERNEL.load()[1]}")
+    torch.set_num_threads(threads)
+    assert ga._kernel_threads(torch.empty(shape)) == threads
+    calls = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        grad_x, inputs, upstream = batch_norm_input_grad(torch.float32, shape)
+        grads = torch.autograd.grad(grad_x, inputs, upstream)
+    backward = torch.ops.aten.native_batch_norm_backward.default
+    assert (backward in calls) == (shape[2] * shape[3] > 4)  # only the forward's, on big maps
+    expected_x, inputs64, upstream64 = batch_norm_input_grad(torch.float64, shape)
+    expected = torch.autograd.grad(expected_x, inputs64, upstream64)
+    for got, want in zip((grad_x, *grads), (expected_x, *expected), strict=True):
+        assert got.dtype == torch.float32
+        assert_close_to_float32_rounding(got, want)
+
+
+def test_batch_norm_second_derivative_stays_differentiable_under_create_graph():
+    """A backward with create_graph (a third derivative) takes the torch path: its results
+    have a graph, where the kernel's would not."""
+    grad_x, inputs, upstream = batch_norm_input_grad(torch.float32, (4, 3, 2, 2))
+    grads = torch.autograd.grad(grad_x, inputs, upstream, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    expected = torch.autograd.grad(grad_x, inputs, upstream, retain_graph=True)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_compiler_batch_norm_runs_on_torch_and_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    ga.BATCH_NORM_KERNEL.reset()
+    try:
+        assert ga.BATCH_NORM_KERNEL.load() == (
+            None,
+            "torch operations (no C kernel: no C compiler (cc, or $CC) on PATH)",
+        )
+        grad_x, inputs, upstream = batch_norm_input_grad(torch.float32, (4, 3, 2, 2))
+        grads = torch.autograd.grad(grad_x, inputs, upstream)
+    finally:
+        ga.BATCH_NORM_KERNEL.reset()
+    expected_x, inputs64, upstream64 = batch_norm_input_grad(torch.float64, (4, 3, 2, 2))
+    expected = torch.autograd.grad(expected_x, inputs64, upstream64)
+    for got, want in zip((grad_x, *grads), (expected_x, *expected), strict=True):
+        assert_close_to_float32_rounding(got, want)
 
 
 def test_the_parameters_backward_skips_the_images_gradient(monkeypatch):

@@ -18,9 +18,11 @@ KEY = 0xDEADBEEFCAFEF00D
 @pytest.fixture
 def fresh_kernel(monkeypatch, tmp_path):
     """An empty kernel cache (in tmp_path) and no kernel loaded: the next use builds again."""
-    monkeypatch.setattr(noise, "_kernel", {})
+    noise.KERNEL.reset()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.delenv(noise.ENV_SWITCH, raising=False)
+    yield
+    noise.KERNEL.reset()  # later tests load the kernel of the real cache
 
 
 def kernel_expected() -> bool:
@@ -37,12 +39,12 @@ def test_the_kernel_builds_on_x86_64_linux_with_a_compiler(fresh_kernel, tmp_pat
     status = noise.kernel_status()
     assert status.startswith("C kernel "), status
     assert str(tmp_path) in status  # built into the cache, and used from there
-    noise._kernel.clear()
+    noise.KERNEL.reset()
     assert noise.kernel_status() == status  # a second process finds it built
 
 
 def kernel_or_skip():
-    if noise._load_kernel()[0] is None:
+    if noise.KERNEL.load()[0] is None:
         pytest.skip(f"no C kernel here: {noise.kernel_status()}")
 
 
