@@ -1392,6 +1392,10 @@ def _run(args, context) -> dict | None:
         noise_source = isotropic_noise.kernel_status()  # builds the C kernel now, not in step 1
         if is_main and not noise_source.startswith("C kernel"):
             print(f"note: L_GA^I's noise comes from {noise_source}: several times slower")
+    if args.ga_adv_eps > 0 and args.ga_adv_input == "pixels" and device.type == "cpu":
+        bn_source = ga.BATCH_NORM_KERNEL.load()[1]  # builds the C kernel now, not in step 1
+        if is_main and not bn_source.startswith("C kernel"):
+            print(f"note: L_GA^A's batch norm second derivatives come from {bn_source}: slower")
     if context.distributed:
         # One process generates the synthetic data (per node too, for folders that are not
         # shared); the others read what it wrote.

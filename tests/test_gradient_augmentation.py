@@ -833,6 +833,25 @@ def test_ga_run_logs_every_term(tmp_path):
     assert saved["ga_adv_eps"] == 1e-6 and saved["ga_iso_scale"] == "mean"
 
 
+def test_a_run_says_when_the_c_kernels_are_off(tmp_path, capsys, monkeypatch):
+    """With the kernels switched off, --ga on CPU runs on torch operations and says so."""
+    monkeypatch.setenv(isotropic_noise.ENV_SWITCH, "0")
+    monkeypatch.setenv("TIRG_GA_BN_KERNEL", "0")
+    args = small_run(tmp_path, "--ga")
+    args[args.index("--num_iters") + 1] = "1"
+    assert main.main(args) is not None
+    out = capsys.readouterr().out
+    assert (
+        f"note: L_GA^I's noise comes from torch operations ({isotropic_noise.ENV_SWITCH}=0)" in out
+    )
+    assert "batch norm second derivatives come from torch operations (TIRG_GA_BN_KERNEL=0)" in out
+    monkeypatch.delenv("TIRG_GA_BN_KERNEL")
+    monkeypatch.delenv(isotropic_noise.ENV_SWITCH)
+    if ga.BATCH_NORM_KERNEL.load()[0] is not None and isotropic_noise.KERNEL.load()[0] is not None:
+        assert main.main(small_run(tmp_path / "built", "--ga")) is not None
+        assert "note: L_GA" not in capsys.readouterr().out  # built: nothing to say
+
+
 def test_a_non_finite_term_stops_the_run_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(small_run(tmp_path, "--ga_adv_eps", "1e300"))
