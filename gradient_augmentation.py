@@ -82,7 +82,9 @@ def adversarial_gradient_augmentation(
 # the feature map), and batch norm's is a composite of some thirty passes. Inside
 # ``fast_double_backward()`` conv2d and training-mode batch_norm run as the autograd Functions
 # below: the same forward and first-derivative kernels, and second derivatives through the fast
-# kernels (convolution_backward for the weight term, 14 passes for batch norm).
+# kernels (convolution_backward for the weight term; for batch norm a C kernel of two passes on
+# CPU float32, else some ten passes of torch operations). dL/dx of an image stem is computed by
+# a polyphase split (below).
 
 
 def _engine_will_compute(node) -> bool:
