@@ -116,31 +116,65 @@ def _first_order_mask(ctx, want_x: bool) -> list[bool]:
 
 
 class _Conv2dInputGrad(torch.autograd.Function):
-    """dL/dx of conv2d as a differentiable function of (dL/dy, weight)."""
+    """dL/dx of conv2d as a differentiable function of (dL/dy, weight).
+
+    ``token`` and ``merge`` come from the forward convolution (``_Conv2d``): where ``merge`` is
+    set, the second derivative's weight term is handed to the forward convolution's node as
+    the gradient of ``token`` (the upstream ggI), which computes it in one call with its own
+    weight gradient (see ``_WeightMerge``)."""
 
     @staticmethod
-    def forward(ctx, grad_output, x, weight, conf):
+    def forward(ctx, grad_output, x, weight, token, conf, merge):
         ctx.save_for_backward(grad_output, x, weight)
-        ctx.conf = conf
+        ctx.conf, ctx.merge = conf, merge
+        ctx.weight_node = _gradient_node(weight)
         return _conv2d_input_grad(grad_output, x, weight, *conf)
 
     @staticmethod
     def backward(ctx, grad_grad_input):
         grad_output, x, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        d_grad_output = d_weight = None
+        d_grad_output = d_weight = d_token = None
         if ctx.needs_input_grad[0]:
             d_grad_output = F.conv2d(
                 grad_grad_input, weight, None, stride, padding, dilation, groups
             )
-        if ctx.needs_input_grad[2]:
-            # <ggI, convT(gO, W)> is linear in W: its gradient is conv2d's weight gradient with
-            # ggI as the input and gO as the output gradient.
-            d_weight = torch.ops.aten.convolution_backward(
-                grad_output, grad_grad_input, weight, None, stride, padding, dilation, False,
-                [0, 0], groups, [False, True, False],
-            )[1]  # fmt: skip
-        return d_grad_output, None, d_weight, None
+        if ctx.needs_input_grad[2] and _engine_will_compute(ctx.weight_node):
+            if ctx.merge is not None and ctx.merge.applies():
+                d_token = grad_grad_input
+            else:
+                # <ggI, convT(gO, W)> is linear in W: its gradient is conv2d's weight gradient
+                # with ggI as the input and gO as the output gradient.
+                d_weight = torch.ops.aten.convolution_backward(
+                    grad_output, grad_grad_input, weight, None, stride, padding, dilation,
+                    False, [0, 0], groups, [False, True, False],
+                )[1]  # fmt: skip
+        return d_grad_output, None, d_weight, d_token, None, None
+
+
+# The query images' convolutions get their weight gradient twice in the parameters' backward:
+# the first-order term <x, dL/dy> and the second derivative's <ggI, gO> (gO: dL/dy of the pass
+# that built dL/dx). Where the output maps are tiny (ResNet's last stage at 64x64 images: 2x2),
+# oneDNN's weight gradient has a large cost per call whatever the batch: 32 x 512 x 2 x 2 with a
+# 3x3 kernel took 3.2 ms, so two calls and their sum took 9-14 ms where one call on the two
+# pairs stacked along the batch takes 9 ms. On larger maps the copies for the stack cost more
+# than they save.
+_MERGE_MAX_OUTPUT_PIXELS = 4
+
+
+class _WeightMerge:
+    """Shared by a forward convolution's node and the dL/dx node built from it: how many dL/dx
+    graphs were built through the convolution (the merge holds for exactly one), and that
+    pass's dL/dy. No tensors with a graph: the nodes do not keep each other alive."""
+
+    __slots__ = ("passes", "grad_output")
+
+    def __init__(self):
+        self.passes, self.grad_output = 0, None
+
+    def applies(self) -> bool:
+        # Not under create_graph: the merged weight term is computed without a graph.
+        return self.passes == 1 and not torch.is_grad_enabled()
 
 
 def _conv2d_input_grad(grad_output, x, weight, stride, padding, dilation, groups):
@@ -208,36 +242,60 @@ def _conv2d_input_grad_polyphase(grad_output, input_shape, weight, stride, paddi
 
 
 class _Conv2d(torch.autograd.Function):
+    """conv2d; returns (y, token): token is an empty tensor of x's shape through which the dL/dx
+    node hands back the second derivative's weight term (where it is merged, else 0-size)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, conf):
         stride, padding, dilation, groups = conf
-        ctx.save_for_backward(x, weight)
+        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        merge = x.device.type == "cpu" and y.shape[2] * y.shape[3] <= _MERGE_MAX_OUTPUT_PIXELS
+        ctx.merge = _WeightMerge() if merge else None
+        token = x.new_empty(x.shape if merge else (0,))
+        ctx.save_for_backward(x, weight, token)
         ctx.conf = conf
         ctx.has_bias = bias is not None
         ctx.input_node = _gradient_node(x)
         ctx.weight_node, ctx.bias_node = _gradient_node(weight), _gradient_node(bias)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        ctx.set_materialize_grads(False)
+        return y, token
 
     @staticmethod
-    def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, grad_output, grad_token):
+        x, weight, token = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        grad_x = None
-        want_x = ctx.needs_input_grad[0]
+        grad_x = grad_weight = grad_bias = None
+        if grad_output is None and grad_token is None:
+            return None, None, None, None
+        want_x = ctx.needs_input_grad[0] and grad_output is not None
         if want_x and torch.is_grad_enabled():  # create_graph: dL/dx must be differentiable
-            grad_x = _Conv2dInputGrad.apply(grad_output, x, weight, ctx.conf)
+            if ctx.merge is not None:
+                ctx.merge.passes += 1
+                ctx.merge.grad_output = grad_output.detach()
+            grad_x = _Conv2dInputGrad.apply(grad_output, x, weight, token, ctx.conf, ctx.merge)
             want_x = False
         # The images' gradient only when this pass uses it (not in the final backward, which
         # train_step runs for the parameters alone): the first layer's costliest term.
         mask = _first_order_mask(ctx, want_x and _engine_will_compute(ctx.input_node))
-        grad_weight = grad_bias = None
+        if grad_output is None:
+            mask = [False, False, False]
+        if grad_token is not None:  # the second derivative's weight term, merged (see above)
+            pairs = [(ctx.merge.grad_output, grad_token)]
+            if mask[1]:
+                pairs.insert(0, (grad_output, x))
+                mask[1] = False
+            grad_weight = torch.ops.aten.convolution_backward(
+                torch.cat([g for g, _ in pairs]), torch.cat([i for _, i in pairs]), weight, None,
+                stride, padding, dilation, False, [0, 0], groups, [False, True, False],
+            )[1]  # fmt: skip
         if any(mask):
             bias_sizes = [weight.shape[0]] if ctx.has_bias else None
-            gx, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            gx, gw, grad_bias = torch.ops.aten.convolution_backward(
                 grad_output, x, weight, bias_sizes, stride, padding, dilation, False, [0, 0],
                 groups, mask,
             )  # fmt: skip
             grad_x = gx if mask[0] else grad_x
+            grad_weight = gw if mask[1] else grad_weight
         return grad_x, grad_weight, grad_bias, None
 
 
@@ -423,7 +481,7 @@ class fast_double_backward(torch.overrides.TorchFunctionMode):
                 x, weight, bias, stride, padding, dilation, groups = _conv2d_args(*args, **kwargs)
                 conf = (_pair(stride), _pair(padding), _pair(dilation), groups)
                 if _plain_4d(x, weight, bias) and None not in conf[:3]:
-                    return _Conv2d.apply(x, weight, bias, conf)
+                    return _Conv2d.apply(x, weight, bias, conf)[0]
             else:
                 x, mean, var, weight, bias, training, momentum, eps = _batch_norm_args(
                     *args, **kwargs

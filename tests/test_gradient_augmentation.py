@@ -2,9 +2,11 @@
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -232,6 +234,81 @@ def test_fast_double_backward_matches_the_built_in_second_derivatives(
     with ga.fast_double_backward():
         names = {type(net[1](net[0](x)).grad_fn).__name__, type(net[0](x).grad_fn).__name__}
     assert names == {"_BatchNorm2dBackward", "_Conv2dBackward"}
+
+
+def tiny_last_stage(seed=0):
+    """Two convolutions, the second with 2x2 output maps (merged weight terms)."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
+        torch.nn.Conv2d(4, 5, 3, stride=2, padding=1), torch.nn.BatchNorm2d(5), torch.nn.Tanh(),
+    ).double()  # fmt: skip
+    return net, torch.randn(3, 3, 8, 8, dtype=torch.float64)
+
+
+def ga_gradients(net, images, fast, passes=1, create_graph=False):
+    """Weight gradients of L + sum over ``passes`` dL/dx graphs of L_GA^A (q = 2)."""
+    x = images.clone().requires_grad_()
+    with ga.fast_double_backward() if fast else contextlib.nullcontext():
+        loss = net(x).pow(2).mean()
+    total = loss
+    for k in range(passes):
+        (grad,) = torch.autograd.grad(loss * (k + 1), x, create_graph=True)
+        total = total + ga.adversarial_gradient_augmentation(grad, 0.1, 2.0)
+    grads = torch.autograd.grad(total, list(net.parameters()), create_graph=create_graph)
+    return [g.detach() for g in grads]
+
+
+def test_the_second_derivative_weight_term_on_tiny_maps_is_merged():
+    """On 2x2 output maps the first-order weight gradient and the second derivative's weight
+    term come from one convolution_backward call on the two stacked along the batch; with two
+    dL/dx graphs through the convolution (no merge) and under create_graph the gradients stay
+    those of the built-in ops."""
+    net, images = tiny_last_stage()
+    calls = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default and args[-1][1]:
+                calls.append(tuple(args[1].shape))  # the input of a weight gradient
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fast = ga_gradients(net, images, fast=True)
+    assert calls.count((6, 4, 4, 4)) == 1  # the 2x2 stage: one call, batch 3 + 3
+    assert (3, 4, 4, 4) not in calls
+    assert calls.count((3, 3, 8, 8)) == 2  # the 4x4 stage: two calls
+    expected = ga_gradients(net, images, fast=False)
+    cases = [
+        (fast, expected),
+        (ga_gradients(net, images, True, create_graph=True), expected),
+        (ga_gradients(net, images, True, passes=2), ga_gradients(net, images, False, passes=2)),
+    ]
+    for got, want in cases:
+        for a, b in zip(want, got, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_fast_double_backward_frees_its_graph(backward):
+    """No reference cycle keeps the graph alive (the nodes share no tensor with a graph): an
+    activation it saved is freed with the loss, whether or not backward ran."""
+    net, images = tiny_last_stage()
+    x = images.clone().requires_grad_()
+    with ga.fast_double_backward():
+        hidden = net[:3](x)
+        loss = net[3:](hidden).pow(2).mean()
+    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+    term = loss + ga.adversarial_gradient_augmentation(grad, 0.1)
+    alive = weakref.ref(hidden)
+    del hidden, loss, grad
+    gc.collect()
+    assert alive() is not None  # saved by the graph
+    if backward:
+        term.backward(inputs=list(net.parameters()))
+    del term
+    gc.collect()
+    assert alive() is None
 
 
 def batch_norm_input_grad(dtype, shape, seed=0):
