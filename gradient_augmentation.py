@@ -125,14 +125,14 @@ class _Conv2dInputGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_output, x, weight, token, conf, merge):
-        ctx.save_for_backward(grad_output, x, weight)
+        ctx.save_for_backward(grad_output, weight)
         ctx.conf, ctx.merge = conf, merge
         ctx.weight_node = _gradient_node(weight)
         return _conv2d_input_grad(grad_output, x, weight, *conf)
 
     @staticmethod
     def backward(ctx, grad_grad_input):
-        grad_output, x, weight = ctx.saved_tensors
+        grad_output, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         d_grad_output = d_weight = d_token = None
         if ctx.needs_input_grad[0]:
@@ -276,9 +276,10 @@ class _Conv2d(torch.autograd.Function):
             want_x = False
         # The images' gradient only when this pass uses it (not in the final backward, which
         # train_step runs for the parameters alone): the first layer's costliest term.
-        mask = _first_order_mask(ctx, want_x and _engine_will_compute(ctx.input_node))
-        if grad_output is None:
+        if grad_output is None:  # only the merged weight term arrives
             mask = [False, False, False]
+        else:
+            mask = _first_order_mask(ctx, want_x and _engine_will_compute(ctx.input_node))
         if grad_token is not None:  # the second derivative's weight term, merged (see above)
             pairs = [(ctx.merge.grad_output, grad_token)]
             if mask[1]:
