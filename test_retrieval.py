@@ -5,26 +5,19 @@ dataset: it encodes every needed image once, composes the queries from the cache
 when the model allows it (TIRG re-encoded each query image), and ranks the gallery by cosine
 similarity.
 
+Ranking. Queries are scored in chunks, ``q @ g.T`` in fp32 on the features' device, and each
+chunk keeps its ``topk``: memory stays bounded (at most about 256 MB of similarities per chunk)
+and nothing is sorted in full.
+
 Ranking rule (ties). The gallery is ordered by descending cosine similarity; items with exactly
 equal similarity are ordered by ascending gallery index, i.e. the order of a *stable* sort of
 ``-similarity``. Exact ties are real: duplicate gallery images (CSS's ``.dup`` file, a gallery
 of training targets that repeats an image) give identical features. TIRG used
-``np.argsort(-sims)`` (quicksort), whose order among ties is unspecified. The exact path follows
-the rule everywhere: ``topk`` fetches one item more than needed, the list is re-sorted by
-(similarity, index), and a row whose last fetched item ties with the k-th is re-ranked from its
-full similarity row (rare outside galleries with repeated images). An excluded item (a query's
-own source image) is never a hit and never takes a slot, even when k covers the whole gallery.
-
-Speed. Where the hardware multiplies bfloat16 natively (GPUs, CPUs with AVX512-BF16 or AMX),
-recall first scores in bf16, about 4x cheaper than fp32 on such a CPU, on a centered gallery
-with per-query row offsets that keep the rounded numbers small (``_BF16Gallery``). A rigorous
-bound on the rounding error (``_screen_error_bound``) tells which queries' hits the rounding
-cannot change, by counting the items above two thresholds around the best hit's score
-(``_screen_chunk``: no sort); close races are settled from the fp32 similarities of their few
-candidates (``_settle_by_candidates``), and any query still open is ranked again in fp32, so
-the recall equals the fp32 path's (``precision='fp32'``) exactly. A query whose hits rank far
-down is settled from a sample of the gallery alone (``_sample_misses``): if the sample already
-holds k_max items surely above every hit, the rest of the gallery need not be scored.
+``np.argsort(-sims)`` (quicksort), whose order among ties is unspecified. ``topk`` fetches one
+item more than needed, the list is re-sorted by (similarity, index), and a row whose last
+fetched item ties with the k-th is re-ranked from its full similarity row (rare outside
+galleries with repeated images). An excluded item (a query's own source image) is never a hit
+and never takes a slot, even when k covers the whole gallery.
 
 Label views. A dataset may offer ``extra_label_views() -> {name: view}``, where ``view`` maps a
 label (``gallery_labels()[i]`` or ``query_label(q)``, strings) to a coarser label. ``evaluate``
@@ -46,13 +39,9 @@ from datasets import worker_init
 from torch_function import normalize_images
 
 GALLERY_CHUNK_BYTES = 256 * 2**20
-BACKENDS = ("exact", "faiss")
 QUALITATIVE_QUERIES = 6  # test queries whose top-10 lists ``test`` returns for the figure
 QUALITATIVE_K = 10
 TIE_ROWS = 256  # rows re-ranked at once when the k-th place ties with an unfetched item
-PRECISIONS = ("auto", "fp32", "bf16")
-U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8-bit significand)
-U_FP32 = 2.0**-24
 
 
 def _as_tensor(x, dtype=None) -> torch.Tensor:
@@ -60,10 +49,7 @@ def _as_tensor(x, dtype=None) -> torch.Tensor:
 
 
 def _check_finite(features: torch.Tensor, name: str) -> None:
-    # max and min propagate NaN (and show an inf): two fast reductions instead of a bool pass.
-    if features.numel() and not bool(
-        torch.isfinite(features.amax()) & torch.isfinite(features.amin())
-    ):
+    if features.numel() and not bool(torch.isfinite(features).all()):
         raise ValueError(
             f"{name} features hold NaN or inf values; the model produced non-finite features, "
             f"so no ranking is defined"
@@ -83,49 +69,6 @@ def _order_ties_by_index(values: torch.Tensor, indices: torch.Tensor):
     return values.gather(1, by_value), indices.gather(1, by_value)
 
 
-def _exact_top_k_chunks(queries, gallery, k, exclude, chunk_size, desc):
-    """Yield (start, stop, top): top (C, min(k, N)) gallery indices in rank order (the module's
-    tie rule); an excluded item has similarity -inf, so it can only fill the last slots."""
-    n_queries, n_gallery = queries.shape[0], gallery.shape[0]
-    k = min(k, n_gallery)
-    fetch = min(k + 1, n_gallery)  # one more: tells whether the k-th item ties with an unseen one
-    starts = range(0, n_queries, chunk_size)
-    buffer = _similarity_buffer(min(chunk_size, n_queries), gallery)
-    for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 8):
-        stop = min(start + chunk_size, n_queries)
-        similarities = _similarities(queries[start:stop], gallery, buffer)
-        if exclude is not None:
-            excluded = exclude[start:stop]
-            rows = torch.nonzero(excluded >= 0).squeeze(1)
-            similarities[rows, excluded[rows]] = float("-inf")
-        values, top = similarities.topk(fetch, dim=1)
-        values, top = _order_ties_by_index(values, top)
-        if fetch > k:
-            # Items outside the fetched list may tie with the k-th and have lower indices.
-            ambiguous = torch.nonzero(values[:, k] == values[:, k - 1]).squeeze(1)
-            for rows in ambiguous.split(TIE_ROWS):
-                top[rows, :k] = _resolve_boundary_ties(similarities[rows], values[rows, k - 1], k)
-        yield start, stop, top[:, :k]
-
-
-def _similarity_buffer(rows: int, gallery: torch.Tensor) -> torch.Tensor:
-    """One (rows, N) similarity matrix, reused by every chunk. A fresh one per chunk costs more
-    than its products on CPU: a matrix this large is mapped anew by the allocator each time and
-    every page faults on first write (about a third of the bf16 screen's time at the Fashion200k
-    shape)."""
-    return torch.empty(rows, gallery.shape[0], dtype=gallery.dtype, device=gallery.device)
-
-
-def _similarities(queries, gallery, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """queries (C, D) @ gallery (N, D)^T, written into the first C rows of ``buffer`` if given."""
-    if buffer is None:
-        buffer = _similarity_buffer(queries.shape[0], gallery)
-    out = buffer[: queries.shape[0]]
-    with torch.no_grad():
-        torch.matmul(queries, gallery.t(), out=out)
-    return out
-
-
 def _resolve_boundary_ties(similarities: torch.Tensor, kth_value: torch.Tensor, k: int):
     """Top-k lists under the tie rule for rows whose k-th value ties with an item outside topk.
 
@@ -141,47 +84,35 @@ def _resolve_boundary_ties(similarities: torch.Tensor, kth_value: torch.Tensor, 
     return _order_ties_by_index(values, top)[1]
 
 
-def _faiss_top_k_chunks(queries, gallery, k, exclude, chunk_size, faiss_index, desc):
-    """As ``_exact_top_k_chunks`` with a FAISS inner-product index (CPU). Excluded items are
-    dropped from the lists rather than ranked last; -1 marks a slot FAISS left empty."""
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError(
-            "backend='faiss' needs the optional package faiss-cpu (pip install faiss-cpu)"
-        ) from None
-    spec, _, params = faiss_index.partition("|")
-    gallery_np = np.ascontiguousarray(gallery.detach().cpu().numpy(), dtype=np.float32)
-    index = faiss.index_factory(gallery_np.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(gallery_np)
-    index.add(gallery_np)
-    if params:
-        faiss.ParameterSpace().set_index_parameters(index, params)
+def _top_k_chunks(queries, gallery, k, exclude, chunk_size, desc):
+    """Yield (start, stop, top): top (C, min(k, N)) gallery indices in rank order (the module's
+    tie rule); an excluded item has similarity -inf, so it can only fill the last slots."""
+    if chunk_size is None:
+        chunk_size = _default_chunk_size(gallery.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     k = min(k, n_gallery)
-    fetch = min(k + (exclude is not None), n_gallery)
+    fetch = min(k + 1, n_gallery)  # one more: tells whether the k-th item ties with an unseen one
     starts = range(0, n_queries, chunk_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 8):
         stop = min(start + chunk_size, n_queries)
-        chunk = np.ascontiguousarray(queries[start:stop].detach().cpu().numpy(), dtype=np.float32)
-        values, top = index.search(chunk, fetch)
-        values, top = _order_ties_by_index(torch.from_numpy(values), torch.from_numpy(top))
-        values[top < 0] = float("-inf")  # empty slots go last
-        values, top = _order_ties_by_index(values, top)
+        similarities = queries[start:stop] @ gallery.T
         if exclude is not None:
-            # Move the excluded item (if listed) to the end, then keep k slots.
-            excluded = exclude[start:stop].cpu()
-            drop = top == excluded[:, None]
-            order = drop.to(torch.int8).argsort(dim=1, stable=True)
-            top = top.gather(1, order)
-            top[drop.gather(1, order)] = -1
-        yield start, stop, top[:, :k].to(queries.device)
+            excluded = exclude[start:stop]
+            rows = torch.nonzero(excluded >= 0).squeeze(1)
+            similarities[rows, excluded[rows]] = float("-inf")
+        values, top = similarities.topk(fetch, dim=1)
+        values, top = _order_ties_by_index(values, top)
+        if fetch > k:
+            # Items outside the fetched list may tie with the k-th and have lower indices.
+            ambiguous = torch.nonzero(values[:, k] == values[:, k - 1]).squeeze(1)
+            for rows in ambiguous.split(TIE_ROWS):
+                top[rows, :k] = _resolve_boundary_ties(similarities[rows], values[rows, k - 1], k)
+        yield start, stop, top[:, :k]
 
 
-def _prepare(query_features, gallery_features, exclude_indices, backend):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+def _prepare(query_features, gallery_features, exclude_indices):
     gallery = F.normalize(_as_tensor(gallery_features).float(), dim=1)
     queries = F.normalize(_as_tensor(query_features).float().to(gallery.device), dim=1)
     if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
@@ -207,24 +138,9 @@ def _prepare(query_features, gallery_features, exclude_indices, backend):
     return queries, gallery, exclude
 
 
-def _top_k_chunks(queries, gallery, k, exclude, chunk_size, backend, faiss_index, desc):
-    if chunk_size is None:
-        chunk_size = _default_chunk_size(gallery.shape[0])
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if backend == "faiss":
-        return _faiss_top_k_chunks(queries, gallery, k, exclude, chunk_size, faiss_index, desc)
-    return _exact_top_k_chunks(queries, gallery, k, exclude, chunk_size, desc)
-
-
+@torch.no_grad()
 def top_k_gallery(
-    query_features,
-    gallery_features,
-    k: int,
-    exclude_indices=None,
-    chunk_size: int | None = None,
-    backend: str = "exact",
-    faiss_index: str = "Flat",
+    query_features, gallery_features, k: int, exclude_indices=None, chunk_size: int | None = None
 ) -> torch.Tensor:
     """The k most similar gallery items of every query, in rank order (the module's tie rule).
 
@@ -232,520 +148,30 @@ def top_k_gallery(
     similarity. exclude_indices (Q,): a gallery index to rank last for each query, or -1.
     Returns a (Q, min(k, N)) long tensor of gallery indices, on the gallery's device.
     """
-    queries, gallery, exclude = _prepare(query_features, gallery_features, exclude_indices, backend)
+    queries, gallery, exclude = _prepare(query_features, gallery_features, exclude_indices)
     if queries.shape[0] == 0 or gallery.shape[0] == 0:
         return torch.zeros(queries.shape[0], 0, dtype=torch.long, device=gallery.device)
-    chunks = _top_k_chunks(
-        queries, gallery, k, exclude, chunk_size, backend, faiss_index, "rank gallery"
-    )
+    chunks = _top_k_chunks(queries, gallery, k, exclude, chunk_size, "rank gallery")
     return torch.cat([top for _, _, top in chunks])
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX)."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        check = getattr(torch.cpu, probe, None)
-        try:
-            if check is not None and check():
-                return True
-        except (RuntimeError, AttributeError):
-            pass
-    return False
-
-
-# The screen's counts are exact below 256 (on GPUs they are bf16 sums: a count at or above 256
-# rounds to at least 256), so it decides recall@k for k up to this.
-SCREEN_K_MAX = 255
-SCREEN_MIN_GALLERY = 64  # below this the fp32 ranking is as cheap
-# The sample pass (``_sample_misses``) scores every SAMPLE_STRIDE-th gallery item first; it runs
-# where the sample holds at least SAMPLE_MIN_PER_K items per place of the largest k, and stops
-# for the remaining chunks once it settles fewer than SAMPLE_MIN_SETTLED of a chunk's rows.
-SAMPLE_STRIDE = 16
-SAMPLE_MIN_PER_K = 4
-SAMPLE_MIN_SETTLED = 0.1
-# It also stops where a chunk's hits outnumber this share of its sampled scores: it needs the
-# screen score of every hit, computed pair by pair at ~200x the cost of a product's score.
-SAMPLE_MAX_HIT_SHARE = 1 / 64
-
-
-def _use_bf16_screen(precision: str, device: torch.device, backend: str, n_gallery: int, k_max):
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if backend != "exact" or precision == "fp32":
-        return False
-    if n_gallery < SCREEN_MIN_GALLERY or k_max > SCREEN_K_MAX:
-        return False
-    if precision == "bf16":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and _cpu_has_fast_bf16()
-
-
-class _BF16Gallery:
-    """The gallery for the bf16 screen, with the norms that bound its rounding error.
-
-    Two shifts keep the rounded numbers small where it matters; neither changes any ranking,
-    because each moves a query's whole row of similarities by one constant:
-    - the gallery is centered on its mean m (s_ij = q_i.(g_j - m) + q_i.m), so features that
-      share a common direction (an untrained model's nearly equal ones, for instance) are
-      rounded relative to their spread rather than to their unit norm;
-    - each row is offset by c_i, a value near where the row is decided (just below its best
-      hit's similarity; without a hit, the best similarity to a fixed set of evenly spaced
-      gallery probes): the gallery gets a constant coordinate 1 and the query the coordinate
-      -c_i, so the product computes q_i.(g_j - m) - c_i in fp32 before the bf16 output
-      rounding, whose error is then relative to |s_ij - c_i|, small where it matters.
-    """
-
-    PROBES = 256
-    BLOCK = 4096  # gallery rows prepared at once (small temporaries: see PAIR_BLOCK)
-
-    def __init__(self, gallery: torch.Tensor):
-        n, d = gallery.shape
-        self.dim = d
-        self.mean = gallery.mean(dim=0)
-        self.features = torch.empty(n, d + 1, dtype=torch.bfloat16, device=gallery.device)
-        self.features[:, d] = 1.0
-        rounding, rounded, centered_norms = [], [], []
-        for start in range(0, n, self.BLOCK):
-            centered = gallery[start : start + self.BLOCK] - self.mean  # g'_j
-            block = self.features[start : start + self.BLOCK, :d]
-            block.copy_(centered)
-            rounding.append((centered - block.float()).norm(dim=1))  # ||g'_j - bf16(g'_j)||
-            rounded.append(block.float().norm(dim=1))
-            centered_norms.append(centered.norm(dim=1))
-        self.rounding_norm_max = torch.cat(rounding).max()
-        self.rounded_norm_max = torch.cat(rounded).max()
-        self.centered_norm_max = torch.cat(centered_norms).max()
-        self.gallery = gallery
-        self.norms = gallery.norm(dim=1)
-        self.norm_max = self.norms.max()
-        probes = torch.linspace(0, n - 1, min(n, self.PROBES), device=gallery.device).long()
-        self.probes = gallery[probes] - self.mean
-        self.sample_stride = SAMPLE_STRIDE
-        self.sample = self.features[:: self.sample_stride].contiguous()  # see _sample_misses
-
-    def round_queries(self, queries: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """(C, D) fp32 and their row offsets c (C,) -> (C, D + 1) bf16: [q, -c]."""
-        return torch.cat([queries, -offsets[:, None]], dim=1).to(torch.bfloat16)
-
-    def probe_offsets(self, queries: torch.Tensor) -> torch.Tensor:
-        """(C,): each query's best centered similarity to the probes, a guess of its row's top."""
-        return (queries @ self.probes.t()).amax(dim=1)
-
-
-def _bf16_similarities(rounded_queries, rounded_gallery, buffer=None) -> torch.Tensor:
-    """(C, D) @ (N, D)^T in bf16 with fp32 accumulation (cuBLAS may otherwise reduce in bf16,
-    which the error bound does not cover), into ``buffer`` if given."""
-    cuda = rounded_queries.device.type == "cuda"
-    if cuda:
-        allowed = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
-    try:
-        return _similarities(rounded_queries, rounded_gallery, buffer)
-    finally:
-        if cuda:
-            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = allowed
-
-
-def _screen_error_bound(queries, rounded_queries, gallery: _BF16Gallery, largest):
-    """eps_i >= |(s~_ij - s_ij) - o_i| for every gallery item j whose screen score s~_ij has
-    |s~_ij| <= largest_i (or is below one that has), o_i a constant of the row: (C,). With
-    largest 0 it is the part E_i that does not grow with |s~| (the screen adds u/(1 - u) |s~|).
-
-    s~_ij = bf16(q~.g~'_j - c~_i) (see ``_BF16Gallery``) and s_ij = fp32(q.g_j). With
-    g'_j = fp32(g_j - m) = g_j - m + r_j, |r_j| <= u32 |g_j - m|, s~ - s equals o_i = -(q.m + c~_i)
-    plus (q~ - q).g~' + q.(g~' - g') + q.r_j + both fp32 accumulations + the output rounding,
-    bounded by ||q~ - q|| ||g~'|| + ||q|| ||g~' - g'|| (Cauchy-Schwarz), u32 ||q|| ||g'||,
-    (D + 1) u32 (||q~|| ||g~'|| + |c~|) for the bf16 product's fp32 sum, D u32 ||q|| ||g|| for
-    s's, and u/(1 - u) |s~| for rounding s~ to bf16; 1% and a tiny absolute term cover the
-    rounding of this sum and flushed subnormals. Comparisons within a row ignore o_i.
-    """
-    rounded = rounded_queries[:, : gallery.dim].float()
-    offset = rounded_queries[:, gallery.dim].float().abs()
-    query_norm = queries.norm(dim=1)
-    accumulation = (gallery.dim + 1) * U_FP32 * (
-        rounded.norm(dim=1) * gallery.rounded_norm_max + offset
-    ) + gallery.dim * U_FP32 * query_norm * gallery.norm_max
-    return (
-        (queries - rounded).norm(dim=1) * gallery.rounded_norm_max
-        + query_norm * (gallery.rounding_norm_max + U_FP32 * gallery.centered_norm_max)
-        + accumulation
-        + U_BF16 / (1 - U_BF16) * largest
-    ) * 1.01 + 1e-30 * gallery.dim
-
-
-class _LabelIndex:
-    """The gallery items of each label, for listing every query's hits without a Q x N pass."""
-
-    def __init__(self, gallery_labels: torch.Tensor):
-        self.labels = gallery_labels
-        self.order = torch.argsort(gallery_labels, stable=True)
-        self.sorted_labels = gallery_labels[self.order]
-
-    def hits(self, query_labels: torch.Tensor, exclude) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, items): every (query row, gallery item) pair with the query's label, the
-        query's excluded item left out; as two flat long tensors."""
-        first = torch.searchsorted(self.sorted_labels, query_labels)
-        counts = torch.searchsorted(self.sorted_labels, query_labels, right=True) - first
-        device = counts.device
-        rows = torch.repeat_interleave(torch.arange(len(query_labels), device=device), counts)
-        row_start = torch.cumsum(counts, 0) - counts
-        position = torch.arange(len(rows), device=device) - row_start[rows]
-        items = self.order[first[rows] + position]
-        if exclude is not None:
-            keep = items != exclude[rows]
-            rows, items = rows[keep], items[keep]
-        return rows, items
-
-
-def _bf16_bits(threshold: torch.Tensor, direction: str) -> torch.Tensor:
-    """The bf16 bit patterns (int16) of positive fp32 thresholds, rounded 'down' or 'up' (to the
-    nearest bf16 number <= or >= each). For positive bf16 numbers the integer order of the bit
-    patterns is the numeric order, and every negative number (-inf included) has a negative
-    pattern: comparing patterns as int16 compares the numbers."""
-    rounded = threshold.to(torch.bfloat16)
-    bits = rounded.view(torch.int16).clone()
-    if direction == "down":
-        bits -= (rounded.float() > threshold).to(torch.int16)
-    else:
-        bits += (rounded.float() < threshold).to(torch.int16)
-    return bits
-
-
-class _ScreenBuffers:
-    """The reused (C, N) similarity and mask matrices of the screen, and the ones it counts with;
-    ``sample``: the same for the gallery sample (``_sample_misses``), None where it is not used."""
-
-    def __init__(self, rows: int, features: torch.Tensor, sample: torch.Tensor | None = None):
-        device = features.device
-        self.sample = None if sample is None else _ScreenBuffers(rows, sample)
-        self.similarities = _similarity_buffer(rows, features)
-        self.mask = torch.empty(self.similarities.shape, dtype=torch.int16, device=device)
-        n = features.shape[0]
-        self.int8_counts = _int8_counts(device)
-        if self.int8_counts:  # the int16 0/1 mask read as 2N int8 bytes, half of them 0
-            self.ones = torch.ones(2 * n, 8, dtype=torch.int8, device=device)
-        else:
-            self.ones = torch.ones(1, n, dtype=torch.bfloat16, device=device)
-
-
-def _int8_counts(device: torch.device) -> bool:
-    """Whether the screen sums its masks with torch._int_mm (any shape on CPU; CUDA's needs
-    multiples of 8 and more than 16 rows) rather than a bf16 product."""
-    return device.type == "cpu"
-
-
-_BF16_ONE_BITS = 0x3F80  # 1.0 in bfloat16
-OFFSET_HITS = 64
-CANDIDATE_LIMIT = 1024  # rows with more non-hit candidates than this go straight to fp32
-
-
-def _count_at_least(scores_bits, thresholds_bits, buffers: _ScreenBuffers, strict: bool, skip=None):
-    """(C,) float: per row, how many scores are >= (strict: >) the row's threshold (exact below
-    256; at least 256 when the count is). scores_bits (C, N) int16 views of bf16 scores,
-    thresholds_bits (C,) int16 of positive bf16 numbers; skip: (rows, items) not to count.
-    torch's int and bool reductions are slow on CPU, so the 0/1 mask is summed by a product
-    with ones: int8 on CPU (exact), bf16 elsewhere."""
-    mask = buffers.mask[: scores_bits.shape[0]]
-    compare = torch.gt if strict else torch.ge
-    compare(scores_bits, thresholds_bits[:, None], out=mask)  # 0 / 1
-    if skip is not None:
-        mask[skip] = 0
-    if buffers.int8_counts:
-        return torch._int_mm(mask.view(torch.int8), buffers.ones)[:, 0].float()
-    mask.mul_(_BF16_ONE_BITS)  # 0 / 1.0 as bf16 bit patterns
-    return _bf16_similarities(mask.view(torch.bfloat16), buffers.ones).float().squeeze(1)
-
-
-# (query, item) pairs whose similarity is computed at once (``_settle_by_candidates``,
-# ``_hit_dots``): a few MB of temporaries, which the C allocator keeps for the next block
-# (blocks of tens of MB are mapped afresh and page-faulted every time).
-PAIR_BLOCK = 512
-
-
-def _settle_by_candidates(
-    queries,
-    gallery: _BF16Gallery,
-    scores_bits,
-    low_bits,
-    query_labels,
-    index: _LabelIndex,
-    ks_tensor,
-):
-    """Second look at rows the counts left open: (certain_in, certain_out), each (R, len(ks)).
-
-    All the arguments are of the R rows. Items scoring below the low threshold rank below the
-    best-scoring hit (``_screen_chunk``), so only the candidates at or above it can matter.
-    Their similarities x are computed directly in fp32: |x - s| <= 2 D u32 ||q|| ||g|| = d,
-    s the fp32 ranking's value. With x_lo/x_hi the largest x - d / x + d of a hit, a non-hit
-    with x + d < x_lo ranks below the first hit and one with x - d > x_hi above every hit;
-    so the counts of the two kinds settle recall@k with margins of ~1e-4 instead of bf16's.
-    """
-    n_rows = scores_bits.shape[0]
-    device = scores_bits.device
-    rows, items = (scores_bits >= low_bits[:, None]).nonzero(as_tuple=True)
-    x = torch.empty(len(rows), device=device)
-    for start in range(0, len(rows), PAIR_BLOCK):
-        r, j = rows[start : start + PAIR_BLOCK], items[start : start + PAIR_BLOCK]
-        x[start : start + len(r)] = (queries[r] * gallery.gallery[j]).sum(dim=1)
-    bound = 2.02 * queries.shape[1] * U_FP32 * queries.norm(dim=1)[rows] * gallery.norms[items]
-    bound += 1e-30
-    is_hit = index.labels[items] == query_labels[rows]
-    x_lo = _row_max((x - bound)[is_hit], rows[is_hit], n_rows)
-    x_hi = _row_max((x + bound)[is_hit], rows[is_hit], n_rows)
-    not_hit = ~is_hit
-    may_beat = torch.bincount(rows[not_hit & (x + bound >= x_lo[rows])], minlength=n_rows).float()
-    surely_beat = torch.bincount(rows[not_hit & (x - bound > x_hi[rows])], minlength=n_rows)
-    certain_in = may_beat[:, None] < ks_tensor
-    certain_out = surely_beat.float()[:, None] >= ks_tensor
-    return certain_in, certain_out
-
-
-def _row_max(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """(n_rows,): the largest of ``values`` in each row (``rows``: their rows); -inf where none."""
-    best = torch.full((n_rows,), float("-inf"), device=values.device)
-    return best.scatter_reduce_(0, rows, values, "amax")
-
-
-def _pairs_of(row_subset: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, n_rows: int):
-    """The (row, item) pairs whose row is in ``row_subset``, renumbered by their place in it."""
-    position = torch.full((n_rows,), -1, dtype=torch.long, device=rows.device)
-    position[row_subset] = torch.arange(len(row_subset), device=rows.device)
-    listed = position[rows] >= 0
-    return position[rows[listed]], items[listed]
-
-
-def _screen_chunk(queries, gallery: _BF16Gallery, exclude, labels, ks, buffers=None):
-    """Decide recall@k from bfloat16 scores wherever the rounding cannot change the answer.
-
-    queries (C, D) fp32, normalized; exclude (C,) or None; labels {name: (query labels (C,),
-    _LabelIndex of the gallery labels)}, the first label set sets the row offsets; buffers: a
-    ``_ScreenBuffers`` of >= C rows to reuse. Returns ({name: hits (C, len(ks)) bool},
-    uncertain (C,) bool): for every row that is not uncertain the hits equal those of the fp32
-    ranking.
-
-    Why: |s~ - s - o_i| <= E_i + u'|s~| for every item of query i, where s~ is the screen score,
-    s the fp32 similarity, o_i a constant of the row and u' = u/(1 - u) the output rounding
-    (``_screen_error_bound``). Let b be the largest s~ of a hit. Every hit has s - o_i <=
-    b + u'|b| + E_i, and x - u'|x| grows with x, so an item with s~ > t_hi, t_hi > 0 solving
-    t (1 - u') = b + u'|b| + 2 E_i, ranks above every hit: if k items do, no hit is in the top
-    k. Likewise an item with s~ < t_lo, t_lo (1 + u') = b - u'|b| - 2 E_i, ranks below the hit
-    of score b; so if fewer than k non-hits have s~ >= t_lo, the first hit in the fp32 order
-    (preceded by non-hits only, all of them above that hit) is in the top k. The offsets put b
-    a few E_i above 0, so that both thresholds are positive and their counts run on the int16
-    bit patterns; a row where a threshold is not positive, or a k neither test settles (after
-    ``_settle_by_candidates``), is uncertain and is ranked again in fp32. With
-    ``buffers.sample`` set, rows that the gallery sample alone shows to miss every k
-    (``_sample_misses``) are settled before the whole gallery is scored.
-    """
-    n_rows = queries.shape[0]
-    device = queries.device
-    buffers = buffers or _ScreenBuffers(n_rows, gallery.features)
-    hit_lists = {
-        name: index.hits(query_labels, exclude) for name, (query_labels, index) in labels.items()
-    }
-    pairs = sum(len(rows) for rows, _ in hit_lists.values())
-    if buffers.sample is not None and pairs > SAMPLE_MAX_HIT_SHARE * n_rows * len(gallery.sample):
-        buffers.sample = None  # too many hits to score one by one: later chunks skip it too
-    sampling = buffers.sample is not None
-    rounded_queries, errors, dots = _offset_queries(
-        queries, gallery, *next(iter(hit_lists.values())), all_hits=sampling
-    )
-    if not sampling:
-        return _screen_rows(
-            queries, rounded_queries, errors, gallery, exclude, labels, hit_lists, ks, buffers
-        )
-    missed = _sample_misses(
-        rounded_queries, errors, gallery, exclude, hit_lists, dots, ks[-1], buffers.sample
-    )
-    if missed.float().mean() < SAMPLE_MIN_SETTLED:
-        buffers.sample = None  # the sample no longer pays for itself: later chunks skip it
-    hits = {name: torch.zeros(n_rows, len(ks), dtype=torch.bool, device=device) for name in labels}
-    uncertain = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    open_rows = torch.nonzero(~missed).squeeze(1)
-    if len(open_rows):
-        open_lists = {
-            name: _pairs_of(open_rows, rows, items, n_rows)
-            for name, (rows, items) in hit_lists.items()
-        }
-        open_hits, uncertain[open_rows] = _screen_rows(
-            queries[open_rows],
-            rounded_queries[open_rows],
-            errors[open_rows],
-            gallery,
-            None if exclude is None else exclude[open_rows],
-            {name: (q[open_rows], index) for name, (q, index) in labels.items()},
-            open_lists,
-            ks,
-            buffers,
-        )
-        for name, h in open_hits.items():
-            hits[name][open_rows] = h
-    return hits, uncertain
-
-
-def _offset_queries(queries, gallery: _BF16Gallery, rows, items, all_hits: bool):
-    """(rounded queries [q, -c] (C, D + 1) with the row offsets c of ``_BF16Gallery``, the rows'
-    error bounds E (C,), the dots of the (rows, items) hit pairs or None).
-
-    c is a few error bounds below the best dot of a hit (rows, items: the first label set's
-    hits; of each row's first OFFSET_HITS, which bounds the work and only lowers c, unless
-    ``all_hits``, which also returns the dots of every pair, for ``_best_hit_scores``)."""
-    n_rows = queries.shape[0]
-    device = queries.device
-    rounded_queries = gallery.round_queries(queries, torch.zeros(n_rows, device=device))
-    errors = _screen_error_bound(queries, rounded_queries, gallery, 0.0)
-    if not all_hits:
-        first = torch.searchsorted(rows, rows)  # rows is sorted: where each row's hits begin
-        few = torch.arange(len(rows), device=device) - first < OFFSET_HITS
-        rows, items = rows[few], items[few]
-    dots = _hit_dots(rounded_queries, gallery, rows, items)
-    best = _row_max(dots, rows, n_rows)
-    offsets = best - 4 * errors
-    no_hit = torch.nonzero(best == float("-inf")).squeeze(1)
-    if len(no_hit):
-        offsets[no_hit] = gallery.probe_offsets(queries[no_hit])
-    rounded_queries[:, -1] = -offsets  # the query coordinates are rounded already
-    errors = _screen_error_bound(queries, rounded_queries, gallery, 0.0)
-    return rounded_queries, errors, dots if all_hits else None
-
-
-def _hit_dots(rounded_queries, gallery: _BF16Gallery, rows, items) -> torch.Tensor:
-    """(P,): q~ . g~' over the D feature coordinates (the offset's left out) of each (row, item)
-    pair, summed in fp32 from the bf16 numbers, whose products fp32 holds exactly."""
-    d = gallery.dim
-    dots = torch.empty(len(rows), device=rounded_queries.device)
-    for start in range(0, len(rows), PAIR_BLOCK):
-        r, j = rows[start : start + PAIR_BLOCK], items[start : start + PAIR_BLOCK]
-        products = rounded_queries[r, :d].float() * gallery.features[j, :d].float()
-        dots[start : start + len(r)] = products.sum(dim=1)
-    return dots
-
-
-def _best_hit_scores(rounded_queries, rows, dots) -> torch.Tensor:
-    """(C,): each row's largest screen score of a hit (-inf: no hit) from its pairs' dots:
-    bf16(dot - c~), the offset's term added last. That is one fp32 summation order of the
-    screen's sum, and its error bound holds for any order, so these scores obey the bound of
-    the matrix product's."""
-    scores = (dots + rounded_queries[rows, -1].float()).to(torch.bfloat16).float()
-    return _row_max(scores, rows, rounded_queries.shape[0])
-
-
-def _thresholds(b: torch.Tensor, errors: torch.Tensor):
-    """(has_hit, usable, high, low), each (C,), from the best hit's screen score b (-inf: no
-    hit) and the error bounds E: the thresholds t_hi and t_lo of ``_screen_chunk`` (1 where a
-    row cannot use them: no hit, or t_lo not positive)."""
-    u = U_BF16 / (1 - U_BF16)
-    has_hit = b > float("-inf")
-    b = torch.where(has_hit, b, torch.zeros_like(b))
-    # 1e-5: the fp32 rounding of the thresholds themselves.
-    high = (b + u * b.abs() + 2 * errors) / (1 - u) * (1 + 1e-5) + 1e-30
-    low = (b - u * b.abs() - 2 * errors) / (1 + u) * (1 - 1e-5)
-    usable = has_hit & (low > 0)
-    low = torch.where(usable, low, torch.ones_like(low))
-    high = torch.where(usable, high, torch.ones_like(high))
-    return has_hit, usable, high, low
-
-
-def _sample_misses(
-    rounded_queries, errors, gallery: _BF16Gallery, exclude, hit_lists, first_dots, k_max, buffers
-):
-    """(C,) bool: rows that certainly have no hit among their first k_max items, under every
-    label set, decided from the gallery sample (every SAMPLE_STRIDE-th item) alone.
-
-    An item whose screen score exceeds the row's t_hi (``_screen_chunk``, with b the best hit's
-    score from ``_best_hit_scores``) ranks above every hit in the fp32 order, so it is no hit
-    itself; if k_max sampled items do, the rest of the gallery cannot bring a hit into the top
-    k_max. Queries whose hits rank far down (unrelated or badly matched ones) are thereby
-    settled for a 1/SAMPLE_STRIDE of the products; the others go on to the whole gallery.
-    first_dots: the dots of the first label set's hits (``_offset_queries``); buffers: the
-    sample's ``_ScreenBuffers``.
-    """
-    n_rows = rounded_queries.shape[0]
-    scores = _bf16_similarities(rounded_queries, gallery.sample, buffers.similarities)
-    if exclude is not None:
-        stride = gallery.sample_stride
-        sampled = torch.nonzero((exclude >= 0) & (exclude % stride == 0)).squeeze(1)
-        scores[sampled, exclude[sampled] // stride] = float("-inf")
-    missed = torch.ones(n_rows, dtype=torch.bool, device=rounded_queries.device)
-    for i, (rows, items) in enumerate(hit_lists.values()):
-        dots = first_dots if i == 0 else _hit_dots(rounded_queries, gallery, rows, items)
-        b = _best_hit_scores(rounded_queries, rows, dots)
-        has_hit, usable, high, _ = _thresholds(b, errors)
-        beat = _count_at_least(scores.view(torch.int16), _bf16_bits(high, "up"), buffers, True)
-        missed &= ~has_hit | (usable & (beat >= k_max))
-    return missed
-
-
-def _screen_rows(
-    queries, rounded_queries, errors, gallery, exclude, labels, hit_lists, ks, buffers
-):
-    """``_screen_chunk`` on the whole gallery, the offsets and hit lists given."""
-    n_rows = queries.shape[0]
-    device = queries.device
-    scores = _bf16_similarities(rounded_queries, gallery.features, buffers.similarities)
-    if exclude is not None:
-        excluded = torch.nonzero(exclude >= 0).squeeze(1)
-        scores[excluded, exclude[excluded]] = float("-inf")
-    scores_bits = scores.view(torch.int16)
-    ks_tensor = torch.as_tensor(ks, device=device, dtype=torch.float32)[None, :]
-    uncertain = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    hits = {}
-    for name, (rows, items) in hit_lists.items():
-        b = _row_max(scores[rows, items].float(), rows, n_rows)
-        has_hit, usable, high, low = _thresholds(b, errors)
-        surely_beat = _count_at_least(scores_bits, _bf16_bits(high, "up"), buffers, strict=True)
-        certain_out = ~has_hit[:, None] | (usable[:, None] & (surely_beat[:, None] >= ks_tensor))
-        # Non-hits that may beat the best hit, counted where some k is not yet out.
-        open_rows = torch.nonzero(usable & ~certain_out.all(dim=1)).squeeze(1)
-        may_beat = torch.full((n_rows,), float("inf"), device=device)
-        if len(open_rows) > n_rows // 2:
-            may_beat = _count_at_least(
-                scores_bits, _bf16_bits(low, "down"), buffers, strict=False, skip=(rows, items)
-            )
-        elif len(open_rows):
-            skip = _pairs_of(open_rows, rows, items, n_rows)
-            may_beat[open_rows] = _count_at_least(
-                scores_bits[open_rows], _bf16_bits(low[open_rows], "down"), buffers, False, skip
-            )
-        certain_in = usable[:, None] & (may_beat[:, None] < ks_tensor)
-        # Rows left open with few candidates: a second look at exact similarities.
-        still_open = usable & (~certain_in & ~certain_out).any(dim=1)
-        todo = torch.nonzero(still_open & (may_beat <= CANDIDATE_LIMIT)).squeeze(1)
-        if len(todo):
-            query_labels, index = labels[name]
-            certain_in[todo], certain_out[todo] = _settle_by_candidates(
-                queries[todo],
-                gallery,
-                scores_bits[todo],
-                _bf16_bits(low[todo], "down"),
-                query_labels[todo],
-                index,
-                ks_tensor,
-            )
-        uncertain |= (~certain_in & ~certain_out).any(dim=1)
-        hits[name] = certain_in
-    return hits, uncertain
 
 
 def _hits_from_top(top, exclude, labels, ks) -> dict[str, torch.Tensor]:
     """{name: (R, len(ks)) bool}: whether a hit is among the first k listed items of each row.
 
-    top (R, K) gallery indices in rank order (-1: empty slot); exclude (R,) or None."""
-    listed = top >= 0
+    top (R, K) gallery indices in rank order; exclude (R,) or None."""
+    listed = torch.ones_like(top, dtype=torch.bool)
     if exclude is not None:
         listed &= top != exclude[:, None]
     # A slot counts for k when fewer than k listed items precede it.
     position = listed.cumsum(dim=1)
-    safe_top = top.clamp_min(0)
     out = {}
     for name, (query_labels, gallery_labels) in labels.items():
-        match = listed & (gallery_labels[safe_top] == query_labels[:, None])
+        match = listed & (gallery_labels[top] == query_labels[:, None])
         out[name] = torch.stack([(match & (position <= k)).any(dim=1) for k in ks], dim=1)
     return out
 
 
+@torch.no_grad()
 def recall_at_k_label_sets(
     query_features,
     gallery_features,
@@ -753,16 +179,13 @@ def recall_at_k_label_sets(
     ks: Sequence[int],
     exclude_indices=None,
     chunk_size: int | None = None,
-    backend: str = "exact",
-    faiss_index: str = "Flat",
-    precision: str = "auto",
 ) -> dict[str, dict[int, float]]:
     """``recall_at_k`` under several labelings of the same queries and gallery, ranked once.
 
     label_sets: {name: (query_target_labels (Q,), gallery_labels (N,))}, integer labels.
     Returns {name: {k: recall in [0, 1]}}.
     """
-    queries, gallery, exclude = _prepare(query_features, gallery_features, exclude_indices, backend)
+    queries, gallery, exclude = _prepare(query_features, gallery_features, exclude_indices)
     device = gallery.device
     n_queries, n_gallery = queries.shape[0], gallery.shape[0]
     labels = {}
@@ -782,50 +205,11 @@ def recall_at_k_label_sets(
     if n_queries == 0 or n_gallery == 0:
         return {name: {k: 0.0 for k in ks} for name in labels}
     hits = {name: torch.zeros(len(ks), dtype=torch.long, device=device) for name in labels}
-
-    def add(rows_hits):
-        for name, h in rows_hits.items():
+    for start, stop, top in _top_k_chunks(queries, gallery, ks[-1], exclude, chunk_size, "recall"):
+        exclude_rows = None if exclude is None else exclude[start:stop]
+        label_rows = {n: (q[start:stop], g) for n, (q, g) in labels.items()}
+        for name, h in _hits_from_top(top, exclude_rows, label_rows, ks).items():
             hits[name] += h.sum(dim=0)
-
-    def rows_of(rows):
-        exclude_rows = None if exclude is None else exclude[rows]
-        label_rows = {n: (q[rows], g) for n, (q, g) in labels.items()}
-        return exclude_rows, label_rows
-
-    if _use_bf16_screen(precision, device, backend, n_gallery, ks[-1]):
-        rounded_gallery = _BF16Gallery(gallery)
-        indexes = {name: _LabelIndex(g) for name, (_, g) in labels.items()}
-        size = chunk_size or _default_chunk_size(n_gallery)
-        starts = range(0, n_queries, size)
-        sampled = len(rounded_gallery.sample) >= SAMPLE_MIN_PER_K * ks[-1]
-        buffers = _ScreenBuffers(
-            min(size, n_queries),
-            rounded_gallery.features,
-            rounded_gallery.sample if sampled else None,
-        )
-        for start in tqdm(starts, desc="recall", leave=False, disable=len(starts) < 8):
-            rows = torch.arange(start, min(start + size, n_queries), device=device)
-            exclude_rows, label_rows = rows_of(rows)
-            indexed = {name: (q, indexes[name]) for name, (q, _) in label_rows.items()}
-            screened, uncertain = _screen_chunk(
-                queries[rows], rounded_gallery, exclude_rows, indexed, ks, buffers
-            )
-            add({name: h[~uncertain] for name, h in screened.items()})
-            again = rows[uncertain]
-            if len(again):  # rank these rows in fp32
-                exclude_rows, label_rows = rows_of(again)
-                chunks = _exact_top_k_chunks(
-                    queries[again], gallery, ks[-1], exclude_rows, len(again), None
-                )
-                for _, _, top in chunks:
-                    add(_hits_from_top(top, exclude_rows, label_rows, ks))
-    else:
-        chunks = _top_k_chunks(
-            queries, gallery, ks[-1], exclude, chunk_size, backend, faiss_index, "recall"
-        )
-        for start, stop, top in chunks:
-            exclude_rows, label_rows = rows_of(torch.arange(start, stop, device=device))
-            add(_hits_from_top(top, exclude_rows, label_rows, ks))
     return {
         name: {k: h[i].item() / n_queries for i, k in enumerate(ks)} for name, h in hits.items()
     }
@@ -839,31 +223,15 @@ def recall_at_k(
     ks: Sequence[int],
     exclude_indices=None,
     chunk_size: int | None = None,
-    backend: str = "exact",
-    faiss_index: str = "Flat",
-    precision: str = "auto",
 ) -> dict[int, float]:
     """Fraction of queries with an item of the target's label among the k most similar.
 
     query_features (Q, D) and gallery_features (N, D): tensors or arrays, ranked by cosine
-    similarity (ties: see the module docstring). query_target_labels (Q,) and gallery_labels
-    (N,): integer labels; every gallery item with the query's label counts as a hit.
-    exclude_indices (Q,): a gallery index to drop for each query (its own source image), or -1.
-
-    ``backend='exact'`` (default) scores ``chunk_size`` queries at a time with ``topk`` (default:
-    chunks of at most 256 MB of similarities), so memory stays bounded, on the gallery's device.
-    ``backend='faiss'`` searches a FAISS inner-product index instead (CPU, optional package
-    faiss-cpu): ``faiss_index`` is an index-factory string, optionally followed by ``|`` and
-    parameters, e.g. ``"Flat"`` (exact) or ``"IVF1024,Flat|nprobe=16"`` (approximate). FAISS
-    breaks ties at the k-th place its own way.
-
-    ``precision`` (exact backend): ``'fp32'`` ranks with fp32 similarities. ``'bf16'`` first
-    scores in bfloat16 (several times faster where the hardware multiplies bf16 natively) and
-    decides every query whose answer the rounding provably cannot change, ranking the others
-    again in fp32: the result equals the fp32 one (see ``_screen_chunk``; for k up to
-    ``SCREEN_K_MAX`` = 255, fp32 above). ``'auto'`` (default) takes bf16 on GPUs with bf16 and on
-    CPUs with AVX512-BF16 or AMX, else fp32.
-    Returns {k: recall in [0, 1]}.
+    similarity in fp32 on the gallery's device (ties: see the module docstring).
+    query_target_labels (Q,) and gallery_labels (N,): integer labels; every gallery item with the
+    query's label counts as a hit. exclude_indices (Q,): a gallery index to drop for each query
+    (its own source image), or -1. ``chunk_size`` queries are scored at a time (default: chunks
+    of at most 256 MB of similarities). Returns {k: recall in [0, 1]}.
     """
     return recall_at_k_label_sets(
         query_features,
@@ -872,9 +240,6 @@ def recall_at_k(
         ks,
         exclude_indices,
         chunk_size,
-        backend,
-        faiss_index,
-        precision,
     )["label"]
 
 

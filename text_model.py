@@ -148,7 +148,12 @@ class TextLSTMModel(torch.nn.Module):
         device = self.embedding_layer.weight.device
         padded, lengths = self.encode(texts)
         embedded = self.embedding_layer(padded.to(device, non_blocking=True))
-        outputs, _ = self.lstm(embedded)  # (T, B, H); padding after a text cannot affect it
+        # The LSTM runs in fp32 even under autocast: oneDNN's CPU LSTM has no bf16 primitive
+        # here (torch 2.14 raises "could not create a primitive descriptor").
+        with torch.autocast(embedded.device.type, enabled=False):
+            outputs, _ = self.lstm(
+                embedded.float()
+            )  # (T, B, H); padding after a text cannot affect it
         last = outputs[lengths.to(device) - 1, torch.arange(len(texts), device=device)]
         return self.fc_output(last)
 
@@ -980,6 +985,49 @@ class BertServiceServer:
             "server_start_time": self._started_at,
             "server_current_time": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+
+
+def _lstm_text_encoder(args, texts):
+    return TextLSTMModel(
+        texts, word_embed_dim=args.image_embed_dim, lstm_hidden_dim=args.image_embed_dim
+    )
+
+
+def _hf_text_encoder(args, texts):
+    cache_dir = os.path.join(args.data_dir, "text_embeddings")
+    return HFTextEncoder(args.text_model, cache_dir=cache_dir)
+
+
+def _bert_service_text_encoder(args, texts):
+    return BertServiceEncoder(
+        args.bert_host, args.bert_port, args.bert_port_out, timeout=args.bert_timeout
+    )
+
+
+TEXT_ENCODER_BUILDERS = {
+    "lstm": _lstm_text_encoder,
+    "hf": _hf_text_encoder,
+    "bert_service": _bert_service_text_encoder,
+}
+
+
+def build_text_encoder(args, texts: list[str], device: torch.device) -> torch.nn.Module:
+    """The --text_encoder of main.py's ``args``. A frozen (BERT) encoder encodes every text of
+    ``texts`` now, with a progress bar, on ``device``; ``hf`` keeps the vectors in
+    <data_dir>/text_embeddings/, so a later run with the same model encodes nothing (and never
+    loads the transformer). Raises TextEncoderError for people."""
+    encoder = TEXT_ENCODER_BUILDERS[args.text_encoder](args, texts)
+    if isinstance(encoder, CachedTextEncoder):
+        encoder.to(device)
+        start = time.perf_counter()
+        new = encoder.prefill(texts, desc=f"{args.text_encoder} text features")
+        cache = f"; cache: {encoder.table.path}" if encoder.table.path else ""
+        print(
+            f"text encoder {args.text_encoder} ({encoder.out_dim}-d): "
+            f"{len(set(texts))} distinct texts, {new} encoded now in "
+            f"{time.perf_counter() - start:.1f} s{cache}"
+        )
+    return encoder
 
 
 def _serve(args) -> None:

@@ -182,14 +182,13 @@ def our_step_factory(trainset, batch_size, model_name, workers, precision="fp32"
     counter = [0]
 
     def step():
-        main.train_step(model, optimizer, next(iterator), args, device, counter[0])
+        main.train_step(model, optimizer, next(iterator), args, device, counter[0])["total"].item()
         counter[0] += 1
 
     return step
 
 
 def bench_step(args):
-    main.keep_freed_memory()  # as main.py runs (every variant of this process gets it)
     torch.set_num_threads(2)
     trainset = datasets.CSSDataset(full_css_path(), "train", transform=datasets.to_uint8_tensor)
     variants = {
@@ -248,7 +247,6 @@ def bench_generate(args):
 
 
 def bench_eval(args):
-    main.keep_freed_memory()  # as main.py runs
     torch.set_num_threads(2)
     testset = datasets.CSSDataset(full_css_path(), "test", transform=datasets.to_uint8_tensor)
     trainset = datasets.CSSDataset(full_css_path(), "train", transform=datasets.to_uint8_tensor)

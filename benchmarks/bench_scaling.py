@@ -111,7 +111,7 @@ def _cpu_worker(rank, world_size, threads, port, argv, warmup, steps, out_file):
                 start = time.perf_counter()
             main.seed_step(args.seed, rank, iteration)
             values = main.train_step(net, optimizer, batch, args, context.device, iteration)
-            main.agree_on_step(values, 0, context)
+            main.agree_on_log(values, 0, context)
         distributed.barrier(context)
         seconds = time.perf_counter() - start
         if rank == 0:

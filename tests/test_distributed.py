@@ -79,11 +79,8 @@ def run_steps(argv, rank, world_size, batch_size, context, variant="main"):
     model = main.build_model(args, trainset)
     optimizer = main.build_optimizer(args, model)
     model.eval()
-    if variant == "static_graph":
-        net = torch.nn.parallel.DistributedDataParallel(model, static_graph=True)
-    else:  # as main._run wraps it
-        unused = main.unused_parameters(model, trainset, args, context.device)
-        net = distributed.wrap(model, context, find_unused_parameters=bool(unused))
+    unused = main.unused_parameters(model, trainset, args, context.device)  # as main._run wraps
+    net = distributed.wrap(model, context, find_unused_parameters=bool(unused))
     loader = torch.utils.data.DataLoader(
         trainset,
         batch_sampler=distributed.RankBatches(0, STEPS, batch_size, rank, world_size),
@@ -94,7 +91,7 @@ def run_steps(argv, rank, world_size, batch_size, context, variant="main"):
         main.seed_step(args.seed, rank, iteration)
         main.set_learning_rate(optimizer, args, iteration)
         step = main.train_step(net, optimizer, shrink(batch), args, context.device, iteration)
-        values.append(main.agree_on_step(step, 0, context)[0])
+        values.append(main.agree_on_log(step, 0, context)[0])
         if grads is None:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -118,7 +115,9 @@ def _worker(rank, port, argv, out_dir, variants):
             result = run_steps(argv, rank, WORLD, PER_RANK_BATCH, context, variant)
             torch.save(result, os.path.join(out_dir, f"{variant}_rank{rank}.pt"))
         # Only rank 1 got SIGTERM: both ranks must stop at this step, and log the mean loss.
-        agreed = main.agree_on_step({"ce": float(rank)}, 15 if rank == 1 else 0, context)
+        agreed = main.agree_on_log(
+            {"ce": torch.tensor(float(rank))}, 15 if rank == 1 else 0, context
+        )
         torch.save({"agreed": list(agreed)}, os.path.join(out_dir, f"agree_rank{rank}.pt"))
         x = gather_inputs()[rank].requires_grad_(True)
         first, second = gather_objective(distributed.gather_rows(x), rank, x)
@@ -223,10 +222,10 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch_ga_on(data_dir
     """Same gradients after one step and same parameters after three, GA on (L_GA^A on the
     pixels by double backprop, L_GA^I noise, L_S), to float rounding. Controls show the
     comparison is sensitive: without the gathered targets (each process's own negatives) the
-    gradients differ, and so they do with DDP's static_graph=True."""
+    gradients differ."""
     argv = tiny_argv(data_dir)
     reference = single_process(argv)
-    results = spawn_two_ranks(argv, tmp_path, ["main", "local_loss", "static_graph"])
+    results = spawn_two_ranks(argv, tmp_path, ["main", "local_loss"])
     rank0, rank1 = results["main"]
     assert relative_error(rank0["params"], rank1["params"]) == 0.0  # replicas stay identical
     assert relative_error(rank0["grads"], reference["grads"]) < 1e-4
@@ -243,8 +242,6 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch_ga_on(data_dir
     for ddp, single in zip(results["gather"], gather_reference()):
         assert torch.allclose(ddp["first"], single["first"], atol=1e-5)
         assert torch.allclose(ddp["second"], single["second"], atol=1e-5)
-    # DDP's static_graph=True with the double-backprop term: silently not the averaged gradient
-    assert relative_error(results["static_graph"][0]["grads"], reference["grads"]) > 1e-2
 
 
 def single_process_initial(argv):

@@ -1,12 +1,9 @@
 """Gradient Augmentation: L_S, L_GA^A, L_GA^I, the FGSM/L1/L2 baselines and their training step."""
 
-import contextlib
 import copy
-import gc
 import json
 import math
 import os
-import weakref
 
 import pytest
 import torch
@@ -15,7 +12,6 @@ from tb_events import read_scalars
 
 import gradient_augmentation as ga
 import img_text_composition_models
-import isotropic_noise
 import main
 import text_model
 import torch_function
@@ -181,307 +177,30 @@ def test_adversarial_term_gradient_matches_finite_differences(q):
     assert torch.autograd.gradcheck(term, (x, conv, linear), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "dtype, bn_kernel", [(torch.float64, "1"), (torch.float32, "1"), (torch.float32, "0")]
-)
-def test_fast_double_backward_matches_the_built_in_second_derivatives(
-    dtype, bn_kernel, monkeypatch
-):
-    """Convolutions (bias, stride, dilation, groups) and training-mode batch norms recorded
-    by ``fast_double_backward``: same values, dL/dx, L_GA^A, weight gradients and running
-    statistics as the built-in ops. float64 takes the torch paths; float32 the batch-norm
-    C kernel where it is built (and TIRG_GA_BN_KERNEL=0 the torch path), against the built-in
-    ops in float64."""
-    monkeypatch.setenv("TIRG_GA_BN_KERNEL", bn_kernel)
-    torch.manual_seed(7)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 5, stride=2, padding=2),  # a stem: the polyphase input gradient
-        torch.nn.BatchNorm2d(4),
-        torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False),
-        torch.nn.BatchNorm2d(6),
-        torch.nn.Tanh(),
-        torch.nn.Conv2d(6, 5, 3, stride=2, padding=1),  # a 2x2 map: batch norm's C kernel
-        torch.nn.BatchNorm2d(5),
-        torch.nn.Tanh(),
-    ).double()
-    images = torch.randn(5, 3, 8, 8, dtype=torch.float64)
-    targets = torch.randn(5, 5, dtype=torch.float64)
-
-    def run(model, fast):
-        x = images.clone().to(dtype if fast else torch.float64).requires_grad_()
-        with ga.fast_double_backward() if fast else contextlib.nullcontext():
-            features = model(x).mean(dim=(2, 3))
-        loss = torch_function.batch_classification_loss(features, targets.to(x.dtype))
-        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-        term = ga.adversarial_gradient_augmentation(grad, 0.3, 2.0)
-        model.zero_grad()
-        (loss + term).backward()
-        grads = [p.grad for p in model.parameters()]
-        return [features, grad, term, *grads, *model.buffers()]
-
-    built_in, fast = run(copy.deepcopy(net), False), run(copy.deepcopy(net).to(dtype), True)
-    for a, b in zip(built_in, fast, strict=True):
-        if dtype == torch.float64:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
-        else:
-            # at least 1e-6: a bias before batch norm has a gradient of 0 in exact arithmetic,
-            # float32 rounding there reaches 2e-7
-            scale = max(a.abs().max().item() if a.is_floating_point() else 0, 0.1)
-            torch.testing.assert_close(b.to(a.dtype), a, rtol=1e-4, atol=1e-5 * scale)
-    # The Functions were used: the graph holds them, not the built-in nodes.
-    x = images.clone().requires_grad_()
-    with ga.fast_double_backward():
-        names = {type(net[1](net[0](x)).grad_fn).__name__, type(net[0](x).grad_fn).__name__}
-    assert names == {"_BatchNorm2dBackward", "_Conv2dBackward"}
-
-
-def tiny_last_stage(seed=0):
-    """Two convolutions, the second with 2x2 output maps (merged weight terms)."""
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.BatchNorm2d(4), torch.nn.Tanh(),
-        torch.nn.Conv2d(4, 5, 3, stride=2, padding=1), torch.nn.BatchNorm2d(5), torch.nn.Tanh(),
-    ).double()  # fmt: skip
-    return net, torch.randn(3, 3, 8, 8, dtype=torch.float64)
-
-
-def ga_gradients(net, images, fast, passes=1, create_graph=False):
-    """Weight gradients of L + sum over ``passes`` dL/dx graphs of L_GA^A (q = 2)."""
-    x = images.clone().requires_grad_()
-    with ga.fast_double_backward() if fast else contextlib.nullcontext():
-        loss = net(x).pow(2).mean()
-    total = loss
-    for k in range(passes):
-        (grad,) = torch.autograd.grad(loss * (k + 1), x, create_graph=True)
-        total = total + ga.adversarial_gradient_augmentation(grad, 0.1, 2.0)
-    grads = torch.autograd.grad(total, list(net.parameters()), create_graph=create_graph)
-    return [g.detach() for g in grads]
-
-
-def test_the_second_derivative_weight_term_on_tiny_maps_is_merged():
-    """On 2x2 output maps the first-order weight gradient and the second derivative's weight
-    term come from one convolution_backward call on the two stacked along the batch; with two
-    dL/dx graphs through the convolution (no merge) and under create_graph the gradients stay
-    those of the built-in ops."""
-    net, images = tiny_last_stage()
-    calls = []
-
-    class Record(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution_backward.default and args[-1][1]:
-                calls.append(tuple(args[1].shape))  # the input of a weight gradient
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        fast = ga_gradients(net, images, fast=True)
-    assert calls.count((6, 4, 4, 4)) == 1  # the 2x2 stage: one call, batch 3 + 3
-    assert (3, 4, 4, 4) not in calls
-    assert calls.count((3, 3, 8, 8)) == 2  # the 4x4 stage: two calls
-    expected = ga_gradients(net, images, fast=False)
-    cases = [
-        (fast, expected),
-        (ga_gradients(net, images, True, create_graph=True), expected),
-        (ga_gradients(net, images, True, passes=2), ga_gradients(net, images, False, passes=2)),
-    ]
-    for got, want in cases:
-        for a, b in zip(want, got, strict=True):
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
-
-
-@pytest.mark.parametrize("backward", [False, True])
-def test_fast_double_backward_frees_its_graph(backward):
-    """No reference cycle keeps the graph alive (the nodes share no tensor with a graph): an
-    activation it saved is freed with the loss, whether or not backward ran."""
-    net, images = tiny_last_stage()
-    x = images.clone().requires_grad_()
-    with ga.fast_double_backward():
-        hidden = net[:3](x)
-        loss = net[3:](hidden).pow(2).mean()
-    (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-    term = loss + ga.adversarial_gradient_augmentation(grad, 0.1)
-    alive = weakref.ref(hidden)
-    del hidden, loss, grad
-    gc.collect()
-    assert alive() is not None  # saved by the graph
-    if backward:
-        term.backward(inputs=list(net.parameters()))
-    del term
-    gc.collect()
-    assert alive() is None
-
-
-def batch_norm_input_grad(dtype, shape, seed=0):
-    """dL/dx of a training-mode batch norm (``ga._BatchNormInputGrad``) at random data, as a
-    function of (dL/dy, x, gamma), and an upstream gradient for it."""
-    generator = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + 1).to(dtype)
-    gamma = (torch.rand(shape[1], generator=generator, dtype=torch.float64) + 0.5).to(dtype)
-    grad_output = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-    upstream = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
-    _, mean, invstd = torch.ops.aten.native_batch_norm(x, gamma, None, None, None, True, 0.1, 1e-5)
-    inputs = [t.clone().requires_grad_() for t in (grad_output, x, gamma)]
-    grad_x = ga._BatchNormInputGrad.apply(*inputs, mean, invstd, 1e-5)
-    return grad_x, inputs, upstream
-
-
-def assert_close_to_float32_rounding(got, want):
-    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
-
-
-@pytest.mark.parametrize(
-    "shape, threads",
-    [((4, 3, 2, 2), 1), ((3, 5, 1, 3), 1), ((2, 4, 7, 5), 1), ((5, 3, 1, 1), 1),
-     ((2, 4, 512, 512), 2)],  # 2^21 elements: two threads
-)  # fmt: skip
-def test_batch_norm_kernel_against_float64(shape, threads, monkeypatch):
-    """batch_norm_kernel.c's dL/dx (maps of at most 4 pixels) and its second derivatives
-    (d dL/dy, d x, d gamma) against the torch path in float64."""
-    if ga.BATCH_NORM_KERNEL.load()[0] is None:
-        pytest.skip(f"no C kernel here: {ga.BATCH_NORM_KERNEL.load()[1]}")
-    torch.set_num_threads(threads)
-    assert ga._kernel_threads(torch.empty(shape)) == threads
-    calls = []
-
-    class Record(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Record():
-        grad_x, inputs, upstream = batch_norm_input_grad(torch.float32, shape)
-        grads = torch.autograd.grad(grad_x, inputs, upstream)
-    backward = torch.ops.aten.native_batch_norm_backward.default
-    assert (backward in calls) == (shape[2] * shape[3] > 4)  # only the forward's, on big maps
-    expected_x, inputs64, upstream64 = batch_norm_input_grad(torch.float64, shape)
-    expected = torch.autograd.grad(expected_x, inputs64, upstream64)
-    for got, want in zip((grad_x, *grads), (expected_x, *expected), strict=True):
-        assert got.dtype == torch.float32
-        assert_close_to_float32_rounding(got, want)
-
-
-def test_batch_norm_second_derivative_stays_differentiable_under_create_graph():
-    """A backward with create_graph (a third derivative) takes the torch path: its results
-    have a graph, where the kernel's would not."""
-    grad_x, inputs, upstream = batch_norm_input_grad(torch.float32, (4, 3, 2, 2))
-    grads = torch.autograd.grad(grad_x, inputs, upstream, create_graph=True)
-    assert all(g.requires_grad for g in grads)
-    expected = torch.autograd.grad(grad_x, inputs, upstream, retain_graph=True)
-    for got, want in zip(grads, expected, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_without_a_compiler_batch_norm_runs_on_torch_and_says_why(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    ga.BATCH_NORM_KERNEL.reset()
-    try:
-        assert ga.BATCH_NORM_KERNEL.load() == (
-            None,
-            "torch operations (no C kernel: no C compiler (cc, or $CC) on PATH)",
-        )
-        grad_x, inputs, upstream = batch_norm_input_grad(torch.float32, (4, 3, 2, 2))
-        grads = torch.autograd.grad(grad_x, inputs, upstream)
-    finally:
-        ga.BATCH_NORM_KERNEL.reset()
-    expected_x, inputs64, upstream64 = batch_norm_input_grad(torch.float64, (4, 3, 2, 2))
-    expected = torch.autograd.grad(expected_x, inputs64, upstream64)
-    for got, want in zip((grad_x, *grads), (expected_x, *expected), strict=True):
-        assert_close_to_float32_rounding(got, want)
-
-
-def test_the_parameters_backward_skips_the_images_gradient(monkeypatch):
-    """After dL/dx (create_graph), the backward for the parameters alone (train_step's
-    ``inputs=``) computes no gradient for the images: the first convolution's input gradient is
-    the costliest term there. The parameters' gradients are those of a full backward."""
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.Conv2d(4, 5, 3, padding=1),
-    ).double()  # fmt: skip
-    images = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    seen = []
-
-    class RecordConvolutionBackward(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution_backward.default:
-                seen.append((tuple(args[1].shape), args[-1][0]))  # (input shape, input grad?)
-            return func(*args, **(kwargs or {}))
-
-    # main.train_step with --ga: the images' gradient once, for dL/dx only (ResNet's stem takes
-    # the polyphase path, which does not call convolution_backward).
-    model, batch = small_real_model("tirg"), make_batch(size=32)
-    optimizer = main.build_optimizer(ga_args("--ga"), model)
-    input_grads = []
-
-    def record(grad_output, x, *conf):
-        input_grads.append(tuple(x.shape))
-        return conv2d_input_grad(grad_output, x, *conf)
-
-    conv2d_input_grad = ga._conv2d_input_grad
-    monkeypatch.setattr(ga, "_conv2d_input_grad", record)
-    with RecordConvolutionBackward():
-        main.train_step(model, optimizer, batch, ga_args("--ga"), torch.device("cpu"), 0)
-    shape = (4, 3, 32, 32)
-    assert input_grads.count(shape) + sum(w for s, w in seen if s == shape) == 1
-
-    grads = []
-    for inputs in (None, list(net.parameters())):
-        net.zero_grad()
-        x = images.clone().requires_grad_()
-        with ga.fast_double_backward():
-            loss = net(x).pow(2).mean()
-        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-        seen.clear()
-        with RecordConvolutionBackward():
-            (loss + ga.adversarial_gradient_augmentation(grad, 0.1)).backward(inputs=inputs)
-        grads.append([p.grad.clone() for p in net.parameters()])
-        image_gradients = sum(wanted for shape, wanted in seen if shape == images.shape)
-        assert image_gradients == (1 if inputs is None else 0)
-        assert (x.grad is None) == (inputs is not None)
-    for full, parameters_only in zip(*grads):
-        torch.testing.assert_close(parameters_only, full, rtol=1e-12, atol=1e-14)
-
-
-@pytest.mark.parametrize(
-    "shape, conf, polyphase",
-    [
-        ((2, 3, 16, 16), dict(kernel_size=7, stride=2, padding=3), True),  # ResNet's stem
-        ((2, 3, 17, 15), dict(kernel_size=7, stride=2, padding=3), True),  # odd sizes
-        ((2, 1, 17, 19), dict(kernel_size=(7, 5), stride=(3, 2), padding=(1, 2)), True),
-        ((1, 2, 9, 9), dict(kernel_size=(5, 7), stride=2, padding=0), True),
-        ((1, 4, 13, 12), dict(kernel_size=7, stride=3, padding=4), True),  # padding > stride
-        ((2, 3, 16, 16), dict(kernel_size=3, stride=2, padding=1), False),  # few taps
-        ((2, 6, 16, 16), dict(kernel_size=7, stride=2, padding=3), False),  # many channels
-        ((2, 3, 9, 9), dict(kernel_size=5, stride=2, padding=2, dilation=2), False),
-        ((2, 3, 9, 9), dict(kernel_size=3, stride=1, padding=1), False),
-    ],
-)
-def test_conv2d_input_grad_equals_the_built_in(shape, conf, polyphase):
-    """dL/dx of a convolution, by the polyphase correlation (image stems) or oneDNN."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(shape[1], 5, bias=False, **conf).double()
-    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
-    out = conv(x)
-    grad_output = torch.randn(out.shape, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(out, x, grad_output)
-    calls = []
-
-    class RecordConvolutionBackward(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            calls.append(func)
-            return func(*args, **(kwargs or {}))
-
-    pairs = [list(conv.stride), list(conv.padding), list(conv.dilation)]
-    with RecordConvolutionBackward():
-        got = ga._conv2d_input_grad(grad_output, x.detach(), conv.weight.detach(), *pairs, 1)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    assert (torch.ops.aten.convolution_backward.default not in calls) == polyphase
-
-
 def test_adversarial_term_rejects_an_unknown_norm():
     with pytest.raises(ValueError, match="q must be one of"):
         ga.adversarial_gradient_augmentation(torch.ones(2, 3), 1e-6, 3.0)
+
+
+def sgd_step(model, batch, args, iteration=0):
+    """``main.train_step`` with plain SGD at lr 1: its values, and the gradient it stepped by."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    values = main.train_step(model, optimizer, batch, args, torch.device("cpu"), iteration)
+    stepped = [b - p.detach() for b, p in zip(before, params)]
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            p.copy_(b)
+    return values, stepped
+
+
+def assert_gradients(stepped, total, model, rtol=1e-5, atol=1e-7):
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(total, params, allow_unused=True, retain_graph=True)
+    for got, want in zip(stepped, expected):
+        torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want,
+                                   rtol=rtol, atol=atol)  # fmt: skip
 
 
 @pytest.mark.parametrize("input_kind", ["pixels", "features"])
@@ -491,18 +210,21 @@ def test_training_step_adversarial_term_against_a_direct_computation(input_kind)
     batch = make_batch()
     args = ga_args("--sim_weight", "0.01", "--ga_adv_eps", "0.02", "--ga_adv_q", "1",
                    "--ga_adv_input", input_kind)  # fmt: skip
-    terms = main.compute_loss_terms(model, batch, args, torch.device("cpu"))
-    assert set(terms) == {"ce", "aux", "sim", "ga_adv"}
+    values, stepped = sgd_step(model, batch, args)
+    assert set(values) == {"ce", "aux", "sim", "ga_adv", "total", "grad_norm"}
 
     source = torch_function.normalize_images(batch["source_img_data"]).requires_grad_()
     target = torch_function.normalize_images(batch["target_img_data"])
     out = model(source, batch["mod"], target)
     wrt = source if input_kind == "pixels" else out["source_features"]
-    (grad,) = torch.autograd.grad(reference_data_loss(out, args), wrt)
+    loss = reference_data_loss(out, args)
+    (grad,) = torch.autograd.grad(loss, wrt, create_graph=True)
     per_sample = (len(grad) * grad).reshape(len(grad), -1).abs().sum(dim=1)
-    torch.testing.assert_close(terms["ga_adv"], 0.02 / 2 * per_sample.mean(), rtol=1e-5, atol=0)
-    # The term is differentiable w.r.t. the weights (second derivatives, not a constant).
-    (weight_grad,) = torch.autograd.grad(terms["ga_adv"], model.conv.weight)
+    ga_adv = 0.02 / 2 * per_sample.mean()
+    torch.testing.assert_close(values["ga_adv"], ga_adv.detach(), rtol=1e-5, atol=0)
+    # The step follows the gradient of L + L_GA^A: autograd's double backward, not a constant.
+    assert_gradients(stepped, loss + ga_adv, model)
+    (weight_grad,) = torch.autograd.grad(ga_adv, model.conv.weight, retain_graph=True)
     assert weight_grad.abs().sum() > 0
 
 
@@ -556,9 +278,9 @@ def test_isotropic_noise_distributions():
     uniform = ga.draw_isotropic_noise(big, "uniform", 0, 0)[0]
     assert uniform.abs().max().item() <= math.sqrt(3)
     assert uniform.var().item() == pytest.approx(1, abs=0.02)
-    sphere = ga.draw_isotropic_noise(big, "sphere", 0, 0, [1.0, 2.0])
+    sphere = ga.draw_isotropic_noise(big, "sphere", 0, 0)
     assert sphere[0].norm().item() == pytest.approx(math.sqrt(200_000), rel=1e-5)
-    assert sphere[1].norm().item() == pytest.approx(2 * math.sqrt(1000), rel=1e-5)
+    assert sphere[1].norm().item() == pytest.approx(math.sqrt(1000), rel=1e-5)
     with pytest.raises(ValueError, match="noise must be one of"):
         ga.draw_isotropic_noise(big, "laplace", 0, 0)
 
@@ -569,8 +291,7 @@ def test_isotropic_noise_distributions():
 def test_isotropic_gradient_noise_gives_the_loss_forms_update(kind, scale, dtype):
     """SGD with momentum and weight decay, three steps: gradient noise == gamma * <r, theta>.
 
-    float32 is the C kernel's fused path (draw, add and dot in one pass), float64 the chunked
-    one; both must give the loss form's update."""
+    Both dtypes must give the loss form's update."""
     torch.manual_seed(4)
     loss_form = torch.nn.Sequential(
         torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
@@ -609,131 +330,6 @@ def test_isotropic_gradient_noise_gives_the_loss_forms_update(kind, scale, dtype
     assert not torch.equal(unused[1], torch.zeros(3))  # the unused parameter moved by gamma*r
 
 
-def sgd_setup(seed=3, **sgd):
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(50, 300), torch.nn.Tanh(), torch.nn.Linear(300, 7))
-    groups = [
-        {"params": list(net[0].parameters()), "lr": 0.1},
-        {"params": list(net[2].parameters()), "lr": 0.01},
-    ]
-    optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=0.01, **sgd)
-    return net, optimizer
-
-
-@pytest.mark.parametrize("kind", ["gaussian", "uniform"])
-def test_fused_noise_and_sgd_step_equals_noise_then_sgd(kind):
-    """Three steps (the first creates the momentum buffers), two groups with their own lr, one
-    parameter without a gradient: the same gradients, buffers and parameters, bit for bit, as
-    the noise added and torch's SGD step taken after it (the kernel rounds as torch does)."""
-    if isotropic_noise.kernel_status().startswith("torch"):
-        pytest.skip(isotropic_noise.kernel_status())
-    x, y = torch.randn(20, 50, generator=torch.Generator().manual_seed(0)), torch.randn(20, 7)
-    runs = []
-    for fused in (False, True):
-        net, optimizer = sgd_setup()
-        params = list(net.parameters())
-        values = []
-        for iteration in range(3):
-            optimizer.zero_grad(set_to_none=True)
-            F.mse_loss(net(x), y).backward()
-            if iteration == 1:
-                params[3].grad = None  # no gradient: it gets the noise alone, and is stepped
-            if fused:
-                value = ga.isotropic_sgd_step(optimizer, params, 0.5, kind, "sum", 7, iteration)
-                assert value is not None
-            else:
-                value = ga.add_isotropic_gradient_noise(params, 0.5, kind, "sum", 7, iteration)
-                optimizer.step()
-            values.append(value.item())
-        state = [optimizer.state[p]["momentum_buffer"] for p in params]
-        runs.append((values, [p.detach().clone() for p in params], [p.grad for p in params], state))
-    (values, *tensors), (fused_values, *fused_tensors) = runs
-    assert fused_values == pytest.approx(values, rel=1e-6)
-    for unfused, fused in zip(tensors, fused_tensors, strict=True):
-        for a, b in zip(unfused, fused, strict=True):
-            assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        "nesterov",
-        "dampening",
-        "no_momentum",
-        "sphere",
-        "float64",
-        "unlisted",
-        "foreign",
-        "switched_off",
-    ],
-)
-def test_fused_step_declines_what_it_does_not_handle(case, monkeypatch):
-    sgd = {"nesterov": {"nesterov": True}, "dampening": {"dampening": 0.1}}.get(case, {})
-    net, optimizer = sgd_setup(**sgd)
-    if case == "no_momentum":
-        for group in optimizer.param_groups:
-            group["momentum"] = 0.0
-    if case == "float64":
-        net.double()
-    if case == "switched_off":
-        monkeypatch.setenv(isotropic_noise.ENV_SWITCH, "0")
-    params = list(net.parameters())
-    F.mse_loss(
-        net(torch.randn(4, 50, dtype=params[0].dtype)), torch.zeros(4, 7, dtype=params[0].dtype)
-    ).backward()
-    if case == "unlisted":  # the optimizer holds a parameter with a gradient that gets no noise
-        params = params[:-1]
-    if case == "foreign":  # a parameter would get noise that no optimizer step applies
-        params = [*params, torch.nn.Parameter(torch.zeros(3))]
-        params[-1].grad = torch.zeros(3)
-    before = [p.detach().clone() for p in params] + [p.grad.clone() for p in params]
-    kind = "sphere" if case == "sphere" else "gaussian"
-    assert ga.isotropic_sgd_step(optimizer, params, 0.5, kind, "sum", 0, 0) is None
-    after = [p.detach() for p in params] + [p.grad for p in params]
-    assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing was touched
-    assert not optimizer.state
-
-
-def test_training_step_with_isotropic_ga_takes_the_fused_step_on_cpu(monkeypatch):
-    """main.train_step with L_GA^I takes the fused step where the kernel is built, and the
-    unfused one without it (TIRG_GA_NOISE_KERNEL=0); both give the same parameters and value."""
-    if isotropic_noise.kernel_status().startswith("torch"):
-        pytest.skip(isotropic_noise.kernel_status())
-    args = ga_args("--ga_iso_gamma", "0.3", "--ga_iso_scale", "sum")
-    real, taken = ga.isotropic_sgd_step, []
-
-    def spy(*arguments):
-        result = real(*arguments)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(ga, "isotropic_sgd_step", spy)
-    results = []
-    for switch in ("1", "0"):
-        monkeypatch.setenv(isotropic_noise.ENV_SWITCH, switch)
-        model = small_real_model("tirg")
-        optimizer = main.build_optimizer(args, model)
-        cpu = torch.device("cpu")
-        values, params = [], []
-        for i in range(2):  # the first step creates the momentum buffers, the second uses them
-            main.seed_step(args.seed, 0, i)  # dropout
-            values.append(main.train_step(model, optimizer, make_batch(), args, cpu, i))
-            params.append([p.detach().clone() for p in model.parameters()])
-        results.append((values, params))
-    assert taken == [True, True, False, False]
-    (fused_values, fused_params), (values, params) = results
-    for a, b in zip(fused_values, values):  # float32 dot products with much cancellation
-        assert a["ga_iso"] == pytest.approx(b["ga_iso"], rel=1e-4)
-    # The kernel's noise differs from torch's functions in the last bits; after one step that
-    # is all, after two it has gone through a forward and backward pass (batch norm of 4).
-    for step, atol in enumerate((3e-7, 2e-5)):
-        for a, b in zip(fused_params[step], params[step]):
-            torch.testing.assert_close(a, b, rtol=0, atol=atol)
-
-
-# --------------------------------------------------------------------------- baselines
-
-
 def test_l1_and_l2_against_plain_loops():
     torch.manual_seed(5)
     params = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
@@ -746,13 +342,18 @@ def test_l1_l2_terms_of_the_training_step_cover_every_trainable_parameter():
     model = TinyComposer()
     model.chars.weight.requires_grad_(False)  # frozen: not penalized
     args = ga_args("--l1_weight", "1e-3", "--l2_weight", "1e-2")
-    terms = main.compute_loss_terms(model, make_batch(), args, torch.device("cpu"))
+    values, stepped = sgd_step(model, make_batch(), args)
     trainable = [p for n, p in model.named_parameters() if n != "chars.weight"]
-    assert terms["l1"].item() == pytest.approx(sum(p.abs().sum().item() for p in trainable))
-    assert terms["l2"].item() == pytest.approx(sum(p.pow(2).sum().item() for p in trainable))
-    total = main.total_loss(terms, args)
-    plain = terms["ce"] + terms["aux"] + 1e-3 * terms["l1"] + 1e-2 * terms["l2"]
-    torch.testing.assert_close(total, plain)
+    assert values["l1"].item() == pytest.approx(sum(p.abs().sum().item() for p in trainable))
+    assert values["l2"].item() == pytest.approx(sum(p.pow(2).sum().item() for p in trainable))
+    plain = values["ce"] + values["aux"] + 1e-3 * values["l1"] + 1e-2 * values["l2"]
+    torch.testing.assert_close(values["total"], plain)
+    source = torch_function.normalize_images(make_batch()["source_img_data"])
+    target = torch_function.normalize_images(make_batch()["target_img_data"])
+    out = model(source, make_batch()["mod"], target)
+    l1 = sum(p.abs().sum() for p in trainable)
+    l2 = sum(p.pow(2).sum() for p in trainable)
+    assert_gradients(stepped, reference_data_loss(out, args) + 1e-3 * l1 + 1e-2 * l2, model)
 
 
 def test_fgsm_term_against_a_direct_computation():
@@ -760,20 +361,20 @@ def test_fgsm_term_against_a_direct_computation():
     model = TinyComposer().eval()
     batch = make_batch()
     args = ga_args("--fgsm_eps", "0.05", "--sim_weight", "0.01")
-    terms = main.compute_loss_terms(model, batch, args, torch.device("cpu"))
-    assert set(terms) == {"ce", "aux", "sim", "fgsm"}
+    values, stepped = sgd_step(model, batch, args)
+    assert set(values) == {"ce", "aux", "sim", "fgsm", "total", "grad_norm"}
 
     source = torch_function.normalize_images(batch["source_img_data"]).requires_grad_()
     target = torch_function.normalize_images(batch["target_img_data"])
     clean = reference_data_loss(model(source, batch["mod"], target), args)
-    (grad,) = torch.autograd.grad(clean, source)
+    (grad,) = torch.autograd.grad(clean, source, retain_graph=True)
     adversarial = source.detach() + 0.05 * grad.sign()
     expected = reference_data_loss(model(adversarial, batch["mod"], target), args)
-    torch.testing.assert_close(terms["fgsm"], expected, rtol=1e-5, atol=0)
-    assert terms["fgsm"].item() > clean.item()  # the FGSM image is worse for the model
-    torch.testing.assert_close(
-        main.total_loss(terms, args), 0.5 * (clean + expected), rtol=1e-5, atol=0
-    )
+    torch.testing.assert_close(values["fgsm"], expected.detach(), rtol=1e-5, atol=0)
+    assert values["fgsm"].item() > clean.item()  # the FGSM image is worse for the model
+    total = 0.5 * (clean + expected)
+    torch.testing.assert_close(values["total"], total.detach(), rtol=1e-5, atol=0)
+    assert_gradients(stepped, total, model)
 
 
 # --------------------------------------------------------------------------- the training step
@@ -812,7 +413,7 @@ def test_all_weights_zero_is_bit_identical_to_the_baseline_step(loss_name):
     baseline_step(reference, optimizers[0], batch, loss_name)
     torch.manual_seed(11)
     values = main.train_step(stepped, optimizers[1], batch, args, torch.device("cpu"), 0)
-    assert set(values) == {main.LOSS_TERM[loss_name], "total"}
+    assert set(values) == {main.LOSS_TERM[loss_name], "total", "grad_norm"}
     for (name, a), b in zip(reference.named_parameters(), stepped.parameters()):
         assert torch.equal(a, b), name
     if loss_name == "soft_triplet":
@@ -847,7 +448,7 @@ def test_ga_step_runs_on_every_model(model_name, input_kind):
     before = [p.detach().clone() for p in model.parameters()]
     values = main.train_step(model, optimizer, batch, args, torch.device("cpu"), 3)
     assert {main.LOSS_TERM[loss_name], "sim", "ga_adv", "ga_iso", "total"} <= set(values)
-    assert all(math.isfinite(v) for v in values.values())
+    assert all(torch.isfinite(v) for v in values.values())
     if model_name != "textonly":  # textonly ignores the image: L_GA^A is 0
         assert values["ga_adv"] > 0
     # L_GA^I reaches every trainable parameter, even one the loss does not use.
@@ -862,7 +463,7 @@ def test_ga_and_fgsm_step_under_bf16_autocast(input_kind):
                    "--precision", "bf16", "--fgsm_eps", "0.01")  # fmt: skip
     optimizer = main.build_optimizer(args, model)
     values = main.train_step(model, optimizer, make_batch(size=16), args, torch.device("cpu"), 0)
-    assert all(math.isfinite(v) for v in values.values()), values
+    assert all(torch.isfinite(v) for v in values.values()), values
     assert values["ga_adv"] > 0 and values["fgsm"] > 0
 
 
@@ -910,28 +511,41 @@ def test_ga_run_logs_every_term(tmp_path):
     assert saved["ga_adv_eps"] == 1e-6 and saved["ga_iso_scale"] == "mean"
 
 
-def test_a_run_says_when_the_c_kernels_are_off(tmp_path, capsys, monkeypatch):
-    """With the kernels switched off, --ga on CPU runs on torch operations and says so."""
-    monkeypatch.setenv(isotropic_noise.ENV_SWITCH, "0")
-    monkeypatch.setenv("TIRG_GA_BN_KERNEL", "0")
-    args = small_run(tmp_path, "--ga")
-    args[args.index("--num_iters") + 1] = "1"
-    assert main.main(args) is not None
-    out = capsys.readouterr().out
-    assert (
-        f"note: L_GA^I's noise comes from torch operations ({isotropic_noise.ENV_SWITCH}=0)" in out
-    )
-    assert "batch norm second derivatives come from torch operations (TIRG_GA_BN_KERNEL=0)" in out
-    monkeypatch.delenv("TIRG_GA_BN_KERNEL")
-    monkeypatch.delenv(isotropic_noise.ENV_SWITCH)
-    if ga.BATCH_NORM_KERNEL.load()[0] is not None and isotropic_noise.KERNEL.load()[0] is not None:
-        assert main.main(small_run(tmp_path / "built", "--ga")) is not None
-        assert "note: L_GA" not in capsys.readouterr().out  # built: nothing to say
-
-
 def test_a_non_finite_term_stops_the_run_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main.main(small_run(tmp_path, "--ga_adv_eps", "1e300"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "iteration 0" in err and "'ga_adv'" in err
+
+
+@pytest.mark.cuda
+def test_isotropic_noise_on_cuda_is_a_pure_function_of_seed_and_iteration():
+    params = [torch.zeros(300, 7, device="cuda"), torch.zeros(50, device="cuda")]
+    for kind in ga.ISOTROPIC_NOISE:
+        a = ga.draw_isotropic_noise(params, kind, 2, 3)
+        b = ga.draw_isotropic_noise(params, kind, 2, 3)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert all(r.device.type == "cuda" for r in a)
+        assert not torch.equal(a[0], ga.draw_isotropic_noise(params, kind, 2, 4)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_ga_step_on_cuda_agrees_with_cpu(precision):
+    """Every GA term, L_GA^A on pixels by autograd's double backward: the CUDA step's values are
+    those of the CPU step (TF32 off; bf16 and fp16 autocast within their rounding)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    args = ga_args("--ga", "--ga_adv_eps", "1e-3", "--precision", precision)
+    values = {}
+    for device in ("cpu", "cuda"):
+        model = small_real_model("tirg").to(device).eval()
+        optimizer = main.build_optimizer(args, model)
+        scaler = main.make_grad_scaler(precision, torch.device(device))
+        step = main.train_step(
+            model, optimizer, make_batch(size=32), args, torch.device(device), 0, scaler
+        )
+        values[device] = {k: v.item() for k, v in step.items() if k != "fp16_skipped"}
+    tolerance = 1e-3 if precision == "fp32" else 0.1
+    for name in ("ce", "sim", "ga_adv", "total"):
+        assert values["cuda"][name] == pytest.approx(values["cpu"][name], rel=tolerance), name

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -155,58 +153,3 @@ def test_pretrained_without_cached_weights_says_what_to_do(tmp_path, monkeypatch
         main.main(small_run_args(tmp_path, "--pretrained", "True"))
     err = capsys.readouterr().err
     assert "resnet18-f37072fd.pth" in err and "--pretrained False" in err
-
-
-MALLOC_PROBE = """
-import ctypes, resource, sys
-import torch
-import main
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-libc = ctypes.CDLL(None)
-libc.mallinfo2.restype = MallInfo2
-if sys.argv[1] == "tuned":
-    assert main.keep_freed_memory()
-
-
-def churn():  # what a training step does to its activations: allocate, touch, free
-    blocks = [torch.ones(1_000_000 * (1 + i % 3)) for i in range(6)]  # 4-12 MB each
-    del blocks
-
-
-for _ in range(3):  # the heap grows to its size
-    churn()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    churn()
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-mapped = libc.mallinfo2().hblkhd
-x = torch.ones(8_000_000)  # 32 MB: by default mmapped (mostly), tuned from the heap
-mapped = libc.mallinfo2().hblkhd - mapped
-heap = libc.mallinfo2().arena
-del x  # tuned, the heap keeps it
-print(faults, mapped, libc.mallinfo2().arena - heap)
-"""
-
-
-@pytest.mark.skipif(
-    not hasattr(os, "confstr") or "glibc" not in (os.confstr("CS_GNU_LIBC_VERSION") or ""),
-    reason="glibc's malloc only",
-)
-def test_keep_freed_memory_keeps_large_blocks_in_the_heap():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run(
-        [sys.executable, "-c", MALLOC_PROBE, "tuned"],
-        cwd=root, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    faults, mapped, trimmed = seen = [int(v) for v in done.stdout.split()]
-    # Freed and allocated again, 48 MB five times, is reused without a page fault. glibc's
-    # default mostly faults it back in (12,000-58,000 faults measured here), but not always:
-    # its thresholds move with the history of the heap, so only the tuned side is asserted.
-    assert faults < 500, seen
-    assert mapped == 0, seen  # 32 MB from the heap, not a fresh mapping
-    assert trimmed == 0, seen  # and it stays in the heap when freed

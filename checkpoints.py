@@ -1,0 +1,410 @@
+"""Checkpoints, resuming, the run folder and stopping on a signal.
+
+A checkpoint is a plain dict (``checkpoint_state``) written atomically (``save_checkpoint``) and
+read with ``torch.load(weights_only=True)`` (``load_checkpoint``): nothing in a file runs.
+``find_resume_checkpoint`` turns ``--resume`` into a checkpoint path; ``Run`` is a run folder with
+its TensorBoard writer; ``StopOnSignal`` turns SIGINT/SIGTERM into a checkpoint and a clean stop.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shlex
+import signal
+import threading
+import time
+
+import torch
+
+import distributed
+
+
+class RunError(RuntimeError):
+    """An error meant for the person running the command: printed without a traceback."""
+
+
+# What a checkpoint is: a dict written by torch.save with these entries (plain containers,
+# strings, numbers and tensors only, so torch.load(weights_only=True) reads it):
+#   format, version   "tirg-ga checkpoint", 1
+#   model             the unwrapped model's state_dict (the LSTM vocabulary included)
+#   optimizer         SGD's state_dict (momentum buffers; the learning rate follows iteration)
+#   scaler            the fp16 GradScaler's state_dict ({} when it is off)
+#   iteration         training steps done
+#   best_metric       the best M_s so far (best.pt's selection criterion)
+#   args              the command-line arguments, as a plain dict
+#   world_size        the number of processes that trained it
+# No RNG state is needed: every random draw of a step is a function of (seed, rank, iteration)
+# (``seed_step``) and the training data of (seed, index).
+CHECKPOINT_FORMAT = "tirg-ga checkpoint"
+CHECKPOINT_VERSION = 1
+RESUME_KEYS = ("model", "optimizer", "iteration", "best_metric", "args")
+
+
+def checkpoint_state(
+    model, optimizer, scaler, args, iteration: int, best_metric: float, world_size: int = 1
+) -> dict:
+    """The checkpoint dict described above; ``model`` may be wrapped in DDP."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "model": distributed.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "iteration": iteration,
+        "best_metric": best_metric,
+        "args": dict(vars(args)),
+        "world_size": world_size,
+    }
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX: the directory entry is data of the folder)."""
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: no directory handles to fsync
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some network file systems refuse fsync on a directory
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically.
+
+    torch.save goes to a temporary file in the same folder, which is fsynced and renamed over
+    ``path``; the folder is then fsynced so the rename itself survives a power cut. A crash, a
+    kill or a full disk at any point leaves either the previous file or the new one, never a
+    torn one. A failed write raises RunError and removes the temporary file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except (OSError, RuntimeError) as e:  # torch.save reports write errors as RuntimeError
+        previous = "the previous checkpoint is intact" if os.path.isfile(path) else "none kept"
+        raise RunError(
+            f"could not write the checkpoint {path}: {e} (disk full or not writable?); {previous}"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def copy_checkpoint(source: str, path: str, state: dict) -> None:
+    """Make ``path`` hold the checkpoint just written to ``source``, atomically: a hard link
+    (no second write of the same bytes) renamed over ``path``, or a second write of ``state``
+    where the file system has no hard links."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.link(source, tmp)
+    except OSError:
+        save_checkpoint(path, state)
+        return
+    try:
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Delete ``*.pt.tmp.<pid>`` files that a process killed mid-write left in ``run_dir``."""
+    removed = []
+    for name in os.listdir(run_dir):
+        if re.fullmatch(r".+\.pt\.tmp\.\d+", name):
+            os.remove(os.path.join(run_dir, name))
+            removed.append(name)
+    return removed
+
+
+def load_checkpoint(path: str, args, keys=("model", "args")) -> dict:
+    """Read a checkpoint written by ``save_checkpoint`` (weights_only: no code in it runs).
+
+    Raises RunError with the path and what was expected for a missing file, a file torch cannot
+    read (random bytes, a torn or foreign file, a pickle naming code), a dict that is not a
+    TIRG-GA checkpoint (a bare state_dict, say) or lacks one of ``keys``, and a checkpoint of
+    another --model, --dataset or --image_embed_dim.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, "latest.pt")
+    if not os.path.isfile(path):
+        raise RunError(f"checkpoint not found: {path} (expected a .pt file written by main.py)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RunError(
+            f"{path} is not a readable TIRG-GA checkpoint ({type(e).__name__}: {first}); "
+            f"expected a file written by main.py with torch.save"
+        ) from None
+    if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+        raise RunError(
+            f"{path} holds a bare state_dict ({len(state)} tensors), not a TIRG-GA checkpoint: "
+            f"main.py writes a dict with {', '.join(RESUME_KEYS)}"
+        )
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(state.get("args"), dict):
+        found = sorted(map(str, state))[:8] if isinstance(state, dict) else type(state).__name__
+        raise RunError(
+            f"{path} is not a TIRG-GA checkpoint: it lacks {', '.join(missing) or 'args'} "
+            f"(found {found}); main.py writes a dict with {', '.join(RESUME_KEYS)}"
+        )
+    saved = state["args"]
+    for key in ("model", "dataset", "image_embed_dim", "text_encoder"):
+        if saved.get(key, getattr(args, key)) != getattr(args, key):
+            raise RunError(
+                f"{path} holds a checkpoint of --{key} {saved.get(key)}, but this run "
+                f"asks for --{key} {getattr(args, key)}"
+            )
+    return state
+
+
+def restore_model(model, state: dict, path: str) -> None:
+    try:
+        distributed.unwrap(model).load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
+
+
+def restore_training(optimizer, scaler, state: dict, path: str) -> None:
+    """Put the optimizer's (and the GradScaler's) state back from a checkpoint."""
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RunError(
+            f"{path}: its optimizer state does not fit this run: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def reopen_run(args, state: dict, checkpoint: str, world_size: int) -> None:
+    """Prepare a run folder for its resumed run: drop its metrics after the checkpoint and the
+    temporaries of a killed write, and say what changed since the checkpoint."""
+    resume_dir = os.path.dirname(os.path.abspath(checkpoint))
+    start_iteration = state["iteration"]
+    truncate_metrics(resume_dir, start_iteration)
+    remove_stale_temporaries(resume_dir)
+    print(f"resuming {resume_dir} at iteration {start_iteration} from {checkpoint}")
+    changed = [
+        f"--{key} {state['args'].get(key)} -> {value}"
+        for key, value in sorted(vars(args).items())
+        if key not in ("resume", "log_dir") and state["args"].get(key, value) != value
+    ]
+    if changed:
+        print(f"note: arguments changed since the checkpoint: {'; '.join(changed)}")
+    saved_batch = state.get("world_size", 1) * state["args"].get("batch_size", 0)
+    if saved_batch != world_size * args.batch_size:
+        print(
+            f"note: the global batch was {saved_batch} and is now {world_size * args.batch_size}: "
+            f"the run continues, but not as the uninterrupted run would have"
+        )
+
+
+def run_dir_pattern(comment: str) -> re.Pattern:
+    """Names of the run folders ``Run`` makes for --comment: <YYYYmmdd-HHMMSS>_<comment>[.n]."""
+    return re.compile(r"(\d{8}-\d{6})_" + re.escape(comment) + r"(?:\.(\d+))?")
+
+
+def find_resume_checkpoint(args) -> str | None:
+    """The checkpoint --resume names.
+
+    'auto': latest.pt of the newest run folder of this --comment under --log_dir that has one
+    (newest by the time stamp in its name), or None when there is none (a new run starts). A
+    folder: its latest.pt. A file: itself.
+    """
+    if args.resume != "auto":
+        path = args.resume
+        if os.path.isdir(path):
+            path = os.path.join(path, "latest.pt")
+        if not os.path.isfile(path):
+            raise RunError(
+                f"--resume {args.resume}: {path} does not exist (expected a run folder holding "
+                f"latest.pt, a checkpoint file, or 'auto')"
+            )
+        return path
+    pattern = run_dir_pattern(args.comment)
+    candidates = []
+    if os.path.isdir(args.log_dir):
+        for name in os.listdir(args.log_dir):
+            match = pattern.fullmatch(name)
+            checkpoint = os.path.join(args.log_dir, name, "latest.pt")
+            if match and os.path.isfile(checkpoint):
+                candidates.append(((match.group(1), int(match.group(2) or 0)), checkpoint))
+    return max(candidates)[1] if candidates else None
+
+
+class Run:
+    """The run folder and its TensorBoard writer (rank 0 only).
+
+    ``purge_step``: a resumed run's first iteration; TensorBoard then drops the events at and
+    after it that the interrupted run had written, so no curve doubles back.
+    """
+
+    def __init__(self, args, resume_dir: str | None = None, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter
+
+        if resume_dir:
+            self.dir = resume_dir
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            base = os.path.join(args.log_dir, f"{stamp}_{args.comment}")
+            os.makedirs(args.log_dir, exist_ok=True)
+            self.dir, n = base, 1
+            while True:
+                try:
+                    os.mkdir(self.dir)
+                    break
+                except FileExistsError:
+                    self.dir, n = f"{base}.{n}", n + 1
+        with open(os.path.join(self.dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=2, sort_keys=True)
+        self.writer = SummaryWriter(self.dir, purge_step=purge_step)
+
+    def close(self):
+        self.writer.close()
+
+
+def record_evaluation(
+    run, iteration: int, result: dict, synthetic: bool, loss_terms: dict | None = None
+) -> None:
+    """Append to metrics.jsonl (no timings there, so equal seeds give equal files) and TB.
+
+    ``loss_terms``: every loss term of the last training step, written on the train line (as
+    single-step values they are the same whether or not the run was resumed in between).
+    """
+    lines = []
+    for split in ("train", "test"):
+        metrics = {k: v for k, v in result[split].items() if not k.startswith("seconds")}
+        if split == "train" and loss_terms:
+            metrics["loss"] = dict(loss_terms)
+        line = {
+            "iteration": iteration,
+            "split": split,
+            **metrics,
+            "M_s": result["train"]["M"],
+            "M_t": result["test"]["M"],
+            "WHM": result["WHM"],
+            "synthetic": synthetic,
+        }
+        lines.append(json.dumps(line))
+        for key, value in metrics.items():  # TensorBoard tags cannot hold '@': R@1 -> R1
+            if key == "loss":
+                continue  # already under train/<term>
+            run.writer.add_scalar(f"eval/{split}/{key.replace('@', '')}", value, iteration)
+        for key in ("seconds_features", "seconds_ranking"):
+            run.writer.add_scalar(f"time/eval_{split}_{key}", result[split][key], iteration)
+    run.writer.add_scalar("eval/WHM", result["WHM"], iteration)
+    with open(os.path.join(run.dir, "metrics.jsonl"), "a") as f:
+        f.write("\n".join(lines) + "\n")
+    run.writer.flush()
+
+
+def format_result(result: dict, iteration: int, synthetic: bool) -> str:
+    data = "SYNTHETIC CSS stand-in" if synthetic else "real data"
+    test = "  ".join(f"{k} {v:.2f}" for k, v in result["test"].items() if k.startswith("R@"))
+    return (
+        f"test results at iteration {iteration} ({data}): {test}  "
+        f"M_t {result['test']['M']:.2f} | train M_s {result['train']['M']:.2f} | "
+        f"WHM {result['WHM']:.2f}"
+    )
+
+
+def truncate_metrics(run_dir: str, iteration: int) -> None:
+    """Drop metrics.jsonl lines written after ``iteration`` (a resumed run writes them again).
+
+    A last line torn by a kill mid-append is dropped too; the file is rewritten atomically.
+    """
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # torn by a kill while it was being appended
+                break
+            raise RunError(f"{path}:{number}: not a JSON line: {line[:80]!r}") from None
+        if record["iteration"] <= iteration:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a step; a checkpoint of that step was written."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: str, run_dir: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at iteration {iteration}")
+        self.signum, self.iteration, self.checkpoint, self.run_dir = (
+            signum,
+            iteration,
+            checkpoint,
+            run_dir,
+        )
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM ask training to stop at the end of the current step.
+
+    A second SIGINT (Ctrl-C twice) aborts at once with KeyboardInterrupt. Handlers can only be
+    installed from the main thread; elsewhere (a run started from a thread) this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        # Only a flag: printing here could re-enter a stream the interrupted code was writing.
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        return False
+
+
+def resume_command(argv: list[str], run_dir: str) -> str:
+    """The command line that continues the run in ``run_dir``: ``argv`` with --resume set."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = True
+            continue
+        if arg.startswith("--resume="):
+            continue
+        kept.append(arg)
+    launcher = "torchrun ... main.py" if distributed.env_ranks()[2] > 1 else "python main.py"
+    return " ".join([launcher, *map(shlex.quote, kept), "--resume", shlex.quote(run_dir)])
