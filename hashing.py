@@ -120,9 +120,10 @@ def resolve_dataset_path(args) -> str:
     data_dir = getattr(args, "data_dir", None) or "./data"
     path = os.path.join(data_dir, f"hashing_synthetic_seed{args.seed}")
     if not os.path.isfile(os.path.join(path, datasets.SYNTHETIC_MARKER)):
+        real = "" if args.dataset == "hashing_synthetic" else f", not {args.dataset} data"
         print(
             f"No --dataset_path given: generating the SYNTHETIC hashing stand-in (20 shape/colour "
-            f"classes, not {args.dataset} data) into {path} ...",
+            f"classes{real}) into {path} ...",
             flush=True,
         )
         datasets.generate_hashing_synthetic(path, seed=args.seed)
