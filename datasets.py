@@ -23,6 +23,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+import css_generator
 from css_generator import render_2d
 
 CSS_NPY = "css_toy_dataset_novel2_small.dup.npy"
@@ -1126,3 +1127,433 @@ def describe(dataset: BaseDataset) -> str:
         f"{type(dataset).__name__}[{dataset.split}] ({kind}) at {dataset.path}: "
         f"{len(dataset.imgs)} images, {len(dataset.test_queries)} queries"
     )
+
+
+# ============================================================================================
+# Learning to hash (issue 17): class-labelled image sets for image-to-image retrieval.
+#
+# Each image has one class; the test split holds the queries and the training split is the
+# database (the protocol of CUB-200-2011 / Stanford Dogs hashing papers). The classes reuse
+# ImageFileDataset's hardened reading: images decoded by ``load_rgb_image`` (bombs refused,
+# truncation detected), unusable images skipped and counted (``--on_bad_image``), paths from
+# label files refused when they leave the dataset root (``_check_relative_path``).
+# ============================================================================================
+
+HASHING_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+HASHING_SYNTHETIC_GENERATOR = "hashing_synthetic"
+
+
+def collate_labelled_images(items: list[dict]) -> dict:
+    """Batch ``{image_id, image, label}`` items: ``images`` (B, 3, H, W) uint8, ``labels`` (B,)
+    int64, ``image_ids`` (B,) int64."""
+    return {
+        "images": torch.stack([it["image"] for it in items]),
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.int64),
+        "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.int64),
+    }
+
+
+class ClassImageDataset(ImageFileDataset):
+    """Images with one class each (``self.imgs[i] = {file_path, label, captions: [class name]}``).
+
+    Indexing:
+    - by default ``dataset[i]`` is image i: ``{image_id, image, label}`` (an unusable image is a
+      mean-grey placeholder, as at evaluation elsewhere);
+    - after ``use_class_balanced_batches(batch_size, classes_per_batch)``, ``dataset[index]`` is
+      a training item drawn as a pure function of ``(seed, index)``: batch ``index //
+      batch_size`` holds ``classes_per_batch`` classes with an equal share of images each (the
+      first ``batch_size % classes_per_batch`` classes get one more), drawn without replacement
+      from each class when it has enough images. An unusable image is redrawn from the same
+      class, deterministically, so the balance holds.
+
+    ``labels`` are 0-based class numbers, consistent between the splits of one dataset.
+    """
+
+    collate_fn = staticmethod(collate_labelled_images)
+
+    def __init__(self, path: str, split: str = "train", transform=None, **options):
+        self.class_names: list[str] = []
+        self.batch_size = 0
+        self.classes_per_batch = 0
+        super().__init__(path, split, transform, **options)
+        self.labels = [img["label"] for img in self.imgs]
+        self.class_to_img_ids: dict[int, list[int]] = {}
+        for i, label in enumerate(self.labels):
+            self.class_to_img_ids.setdefault(label, []).append(i)
+        if split == "test":  # every test image is a query (TIRG's interface)
+            self.test_queries = [
+                {"source_img_id": i, "target_caption": img["captions"][0], "mod": {"str": ""}}
+                for i, img in enumerate(self.imgs)
+            ]
+
+    def _add_image(self, file_path: str, label: int) -> None:
+        self.imgs.append(
+            {"file_path": file_path, "label": int(label), "captions": [self.class_names[label]]}
+        )
+
+    def image_path(self, idx: int) -> str:
+        return self.imgs[idx]["file_path"]
+
+    def get_all_texts(self) -> list[str]:
+        return list(self.class_names)
+
+    # ----------------------------------------------------------------- sampling
+
+    def use_class_balanced_batches(self, batch_size: int, classes_per_batch: int) -> None:
+        """Switch ``__getitem__`` to class-balanced training batches (see the class docstring)."""
+        eligible = [c for c, ids in self.class_to_img_ids.items() if len(ids) >= 2]
+        if batch_size < 2 or not 2 <= classes_per_batch <= batch_size:
+            raise ValueError(
+                f"class-balanced batches need batch_size >= 2 and 2 <= classes_per_batch <= "
+                f"batch_size (a triplet needs two classes and two images of one), got "
+                f"batch_size={batch_size}, classes_per_batch={classes_per_batch}"
+            )
+        if len(eligible) < classes_per_batch:
+            raise DatasetFormatError(
+                f"{self.path}: the {self.split} split has {len(eligible)} classes with at least "
+                f"two images, fewer than --classes_per_batch {classes_per_batch}"
+            )
+        self._eligible_classes = sorted(eligible)
+        self.batch_size = int(batch_size)
+        self.classes_per_batch = int(classes_per_batch)
+
+    def batch_plan(self, batch: int, seed=None) -> list[tuple[int, int]]:
+        """The (class, image id) of every position of training batch ``batch``."""
+        seed = self.seed if seed is None else seed
+        rng = random.Random(f"{seed}:hash-batch:{batch}")
+        classes = rng.sample(self._eligible_classes, self.classes_per_batch)
+        share, extra = divmod(self.batch_size, self.classes_per_batch)
+        plan = []
+        for k, c in enumerate(classes):
+            ids = self.class_to_img_ids[c]
+            count = share + (k < extra)
+            if count <= len(ids):
+                chosen = rng.sample(ids, count)
+            else:  # a small class repeats images rather than leaving the batch short
+                chosen = [rng.choice(ids) for _ in range(count)]
+            plan += [(c, i) for i in chosen]
+        return plan
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        if not self.batch_size:
+            return {"image_id": index, "image": self.get_img(index), "label": self.labels[index]}
+        label, img_id = self.batch_plan(index // self.batch_size)[index % self.batch_size]
+        ids = self.class_to_img_ids[label]
+        for attempt in range(MAX_QUERY_ATTEMPTS):
+            if attempt:
+                img_id = random.Random(f"{self.seed}:hash-retry:{index}:{attempt}").choice(ids)
+            image = self._decode(img_id)
+            if image is not None:
+                return {"image_id": img_id, "image": image, "label": label}
+        raise BadImageError(
+            f"{self.path}: {MAX_QUERY_ATTEMPTS} images of class {self.class_names[label]!r} "
+            f"drawn for training index {index} were all unusable ({self.bad_image_count()} found "
+            f"so far); the image files look broken on a large scale"
+        )
+
+    def __len__(self) -> int:
+        return len(self.imgs)
+
+
+def _read_id_table(path: str, layout: str, n_fields: int = 2) -> list[tuple[int, list[str], str]]:
+    """Lines ``<id> <field> ...`` of a CUB text file -> [(id, fields, 'file:line')]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found. Expected layout:\n{layout}")
+    rows, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if not line.strip():
+                continue
+            fields = line.split(None, n_fields - 1) if n_fields > 1 else line.split()
+            fields = [x.strip() for x in fields]
+            if len(fields) != n_fields or not fields[0].isdigit():
+                raise DatasetFormatError(
+                    f"{where}: expected '<integer id> <value>', got {line.rstrip()!r}"
+                )
+            image_id = int(fields[0])
+            if image_id in seen:
+                raise DatasetFormatError(
+                    f"{where}: id {image_id} already given at line {seen[image_id]}"
+                )
+            seen[image_id] = lineno
+            rows.append((image_id, fields[1:], where))
+    return rows
+
+
+class CUB200(ClassImageDataset):
+    """CUB-200-2011 (Wah et al.): 11,788 bird photos of 200 species, 5,994 train / 5,794 test
+    (``train_test_split.txt``). Class numbers in ``image_class_labels.txt`` are 1-based ids of
+    ``classes.txt``."""
+
+    LAYOUT = (
+        "  <path>/images.txt               <image id> <relative path>\n"
+        "  <path>/train_test_split.txt     <image id> <1: train, 0: test>\n"
+        "  <path>/image_class_labels.txt   <image id> <class id>\n"
+        "  <path>/classes.txt              <class id> <class name>\n"
+        "  <path>/images/<class>/<file>.jpg   (CUB_200_2011.tgz, extracted)"
+    )
+
+    def _build(self):
+        root = self.path
+        classes = _read_id_table(os.path.join(root, "classes.txt"), self.LAYOUT)
+        class_ids = sorted(cid for cid, _, _ in classes)
+        class_index = {cid: k for k, cid in enumerate(class_ids)}
+        names = {cid: fields[0] for cid, fields, _ in classes}
+        self.class_names = [names[cid] for cid in class_ids]
+        paths = _read_id_table(os.path.join(root, "images.txt"), self.LAYOUT)
+        split_file = os.path.join(root, "train_test_split.txt")
+        splits = {i: (f[0], w) for i, f, w in _read_id_table(split_file, self.LAYOUT)}
+        labels_file = os.path.join(root, "image_class_labels.txt")
+        labels = {i: (f[0], w) for i, f, w in _read_id_table(labels_file, self.LAYOUT)}
+        want = "1" if self.split == "train" else "0"
+        for image_id, (rel,), where in paths:
+            if image_id not in splits:
+                raise DatasetFormatError(f"{where}: image id {image_id} is not in {split_file}")
+            if image_id not in labels:
+                raise DatasetFormatError(f"{where}: image id {image_id} is not in {labels_file}")
+            is_train, split_where = splits[image_id]
+            if is_train not in ("0", "1"):
+                raise DatasetFormatError(
+                    f"{split_where}: expected is_train 1 (train) or 0 (test), got {is_train!r}"
+                )
+            label, label_where = labels[image_id]
+            if not label.isdigit() or int(label) not in class_index:
+                raise DatasetFormatError(
+                    f"{label_where}: class {label!r} is not a class id of "
+                    f"{os.path.join(root, 'classes.txt')} (ids {class_ids[0]}..{class_ids[-1]})"
+                )
+            if is_train != want:
+                continue
+            rel = _check_relative_path(rel, where)
+            self._add_image(os.path.join(root, "images", rel), class_index[int(label)])
+        if not self.imgs:
+            raise DatasetFormatError(f"{split_file}: no {self.split} images listed")
+
+
+def _load_mat(path: str, layout: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found. Expected layout:\n{layout}")
+    import scipy.io  # only the Stanford Dogs lists need it
+
+    try:
+        return scipy.io.loadmat(path)
+    except Exception as e:  # scipy raises ValueError, TypeError, MatReadError, ... on bad files
+        raise DatasetFormatError(
+            f"{path}: cannot read it as a MATLAB .mat file ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _mat_string(cell) -> str | None:
+    """A MATLAB cell holding one string, as ``loadmat`` gives it (nested object arrays)."""
+    value = cell
+    for _ in range(4):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, np.ndarray) and value.size == 1:
+            value = value.reshape(-1)[0]
+        else:
+            return None
+    return value if isinstance(value, str) else None
+
+
+class StanfordDogs(ClassImageDataset):
+    """Stanford Dogs (Khosla et al.): 20,580 photos of 120 breeds, 12,000 train / 8,580 test.
+    The lists are ``lists/{train,test}_list.mat`` (or the same files at the root, as lists.tar
+    extracts them) with ``file_list`` (cells of paths relative to ``Images/``) and 1-based
+    ``labels``. The classes are the breed folders of ``Images/``, in sorted order."""
+
+    LAYOUT = (
+        "  <path>/Images/<wnid>-<breed>/*.jpg   (images.tar, extracted)\n"
+        "  <path>/lists/train_list.mat, <path>/lists/test_list.mat   (lists.tar: 'file_list' "
+        "cells of paths relative to Images/, 1-based 'labels'; also accepted at <path>/)"
+    )
+
+    def _build(self):
+        images_dir = os.path.join(self.path, "Images")
+        if not os.path.isdir(images_dir):
+            raise FileNotFoundError(
+                f"{images_dir} is not a folder. Expected layout:\n{self.LAYOUT}"
+            )
+        self.class_names = sorted(
+            d for d in os.listdir(images_dir) if os.path.isdir(os.path.join(images_dir, d))
+        )
+        n_classes = len(self.class_names)
+        name = f"{self.split}_list.mat"
+        mat_path = os.path.join(self.path, "lists", name)
+        if not os.path.isfile(mat_path) and os.path.isfile(os.path.join(self.path, name)):
+            mat_path = os.path.join(self.path, name)
+        mat = _load_mat(mat_path, self.LAYOUT)
+        if "file_list" not in mat or "labels" not in mat:
+            raise DatasetFormatError(
+                f"{mat_path}: expected the variables 'file_list' and 'labels', found "
+                f"{sorted(k for k in mat if not k.startswith('__'))}"
+            )
+        files = np.asarray(mat["file_list"], dtype=object).reshape(-1)
+        labels = np.asarray(mat["labels"]).reshape(-1)
+        if len(files) != len(labels):
+            raise DatasetFormatError(
+                f"{mat_path}: {len(files)} entries in 'file_list' but {len(labels)} 'labels'"
+            )
+        for k, (cell, label) in enumerate(zip(files, labels)):
+            where = f"{mat_path}: entry {k + 1}"
+            rel = _mat_string(cell)
+            if rel is None:
+                raise DatasetFormatError(f"{where}: 'file_list' holds {cell!r}, not a path string")
+            rel = _check_relative_path(rel, where)
+            try:
+                number = float(label)
+            except (TypeError, ValueError):
+                number = float("nan")
+            if not (1 <= number <= n_classes and number == int(number)):  # NaN fails too
+                raise DatasetFormatError(
+                    f"{where} ({rel}): label {label!r} is out of range; labels are 1-based "
+                    f"class numbers in 1..{n_classes}, one per breed folder of {images_dir}"
+                )
+            self._add_image(os.path.join(images_dir, rel), int(number) - 1)
+        if not self.imgs:
+            raise DatasetFormatError(f"{mat_path}: 'file_list' is empty")
+
+
+class ImageFolderClasses(ClassImageDataset):
+    """Any class-labelled set as ``train/<class>/*`` and ``test/<class>/*``. Class numbers come
+    from the sorted class folder names of both splits together, so they agree between splits.
+    Files whose real path leaves the dataset root (symbolic links) are refused."""
+
+    LAYOUT = (
+        "  <path>/train/<class name>/<image>.{jpg,png,...}\n"
+        "  <path>/test/<class name>/<image>.{jpg,png,...}"
+    )
+
+    def _build(self):
+        root_real = os.path.realpath(self.path)
+        folders = {}
+        for split in self.SPLITS:
+            split_dir = os.path.join(self.path, split)
+            if not os.path.isdir(split_dir):
+                raise FileNotFoundError(
+                    f"{split_dir} is not a folder. Expected layout:\n{self.LAYOUT}"
+                )
+            folders[split] = sorted(
+                d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d))
+            )
+        self.class_names = sorted(set(folders["train"]) | set(folders["test"]))
+        class_index = {name: k for k, name in enumerate(self.class_names)}
+        split_dir = os.path.join(self.path, self.split)
+        for name in folders[self.split]:
+            class_dir = os.path.join(split_dir, name)
+            for file in sorted(os.listdir(class_dir)):
+                full = os.path.join(class_dir, file)
+                if not file.lower().endswith(HASHING_IMAGE_EXTENSIONS):
+                    continue
+                real = os.path.realpath(full)
+                if os.path.commonpath([root_real, real]) != root_real:
+                    raise DatasetFormatError(
+                        f"{full}: refusing an image whose real path {real} is outside the "
+                        f"dataset root {root_real}"
+                    )
+                self._add_image(full, class_index[name])
+        if not self.imgs:
+            raise DatasetFormatError(
+                f"{split_dir}: no images ({', '.join(HASHING_IMAGE_EXTENSIONS)}) in its class "
+                f"folders. Expected layout:\n{self.LAYOUT}"
+            )
+
+
+#: (shape, colour) of the main object of each synthetic class, in class order.
+HASHING_SYNTHETIC_CLASSES = tuple(
+    (shape, color) for color in css_generator.COLORS for shape in css_generator.SHAPES
+)[:20]
+
+
+def _render_hashing_image(rng: np.random.Generator, shape: str, color: str, size: int):
+    """A (size, size, 3) uint8 scene: 1-3 small clutter objects drawn with css_generator's 2D
+    renderer, then the class's large main object (half-width 9-13 px at 64 px, random centre)."""
+    clutter = []
+    for _ in range(int(rng.integers(1, 4))):
+        clutter.append(
+            {
+                "shape": css_generator.SHAPES[int(rng.integers(len(css_generator.SHAPES)))],
+                "color": list(css_generator.COLORS)[int(rng.integers(len(css_generator.COLORS)))],
+                "size": "small",
+                "pos": (float(rng.uniform(0.08, 0.92)), float(rng.uniform(0.08, 0.92))),
+            }
+        )
+    img = css_generator.render_2d(clutter, size=size)
+    half = float(rng.uniform(9.0, 13.0)) * size / 64.0
+    y, x = (float(v) * size for v in rng.uniform(0.3, 0.7, size=2))
+    row0, col0, mask = css_generator._shape_footprint(shape, y, x, half)
+    window, mask = css_generator._clip(row0, col0, mask, size)
+    if window is not None:
+        img[window][mask] = css_generator.COLORS[color]
+    return img
+
+
+def generate_hashing_synthetic(
+    out_dir: str, seed: int = 0, train_per_class: int = 64, test_per_class: int = 20, size: int = 64
+) -> dict:
+    """Write the synthetic class-labelled stand-in in the ``image_folder`` layout and return its
+    ``SYNTHETIC.json`` content.
+
+    20 classes, each a (shape, colour) of a large main object (``HASHING_SYNTHETIC_CLASSES``), at
+    a random position and size with 1-3 small clutter objects, PNG, ``size`` x ``size``. The same
+    arguments give byte-identical files. The folder is written under a temporary name and renamed
+    into place, so a reader never sees half of it; when another process got there first its copy
+    is kept.
+    """
+    import shutil
+    import tempfile
+
+    out_dir = os.path.abspath(out_dir)
+    meta = {
+        "synthetic": True,
+        "generator": HASHING_SYNTHETIC_GENERATOR,
+        "seed": int(seed),
+        "classes": [f"{shape}_{color}" for shape, color in HASHING_SYNTHETIC_CLASSES],
+        "train_per_class": int(train_per_class),
+        "test_per_class": int(test_per_class),
+        "image_size": int(size),
+    }
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".")
+    try:
+        for split_no, (split, count) in enumerate(
+            (("train", train_per_class), ("test", test_per_class))
+        ):
+            for c, (shape, color) in enumerate(HASHING_SYNTHETIC_CLASSES):
+                class_dir = os.path.join(tmp, split, f"{c:02d}_{shape}_{color}")
+                os.makedirs(class_dir)
+                for i in range(count):
+                    rng = np.random.default_rng([int(seed), split_no, c, i])
+                    pixels = _render_hashing_image(rng, shape, color, size)
+                    PIL.Image.fromarray(pixels).save(os.path.join(class_dir, f"{i:05d}.png"))
+        with open(os.path.join(tmp, SYNTHETIC_MARKER), "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not os.path.isfile(os.path.join(out_dir, SYNTHETIC_MARKER)):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return meta
+
+
+class HashingSynthetic(ImageFolderClasses):
+    """The synthetic stand-in, read by the image_folder loader; ``synthetic`` is True when the
+    folder carries ``SYNTHETIC.json``."""
+
+    def _build(self):
+        super()._build()
+        self.synthetic = os.path.isfile(os.path.join(self.path, SYNTHETIC_MARKER))
+
+
+HASHING_DATASETS = {
+    "cub200": CUB200,
+    "stanford_dogs": StanfordDogs,
+    "image_folder": HashingSynthetic,
+    "hashing_synthetic": HashingSynthetic,
+}

@@ -559,3 +559,235 @@ def test_on_training_queries(
         device=device,
         num_workers=num_workers,
     )
+
+
+# ============================================================================================
+# Learning to hash (issue 17): exact, chunked Hamming ranking of ±1 codes.
+#
+# Ranking rule: the database is ordered by ascending Hamming distance to the query, and items
+# at equal distance by ascending database index (a stable sort of the distances). Ties are the
+# rule, not the exception: 64-bit codes take only 65 distance values.
+#
+# How (chosen by measurement, benchmarks/bench_hashing.py): distances come from one fp32
+# matmul of the ±1 codes, hamming = (bits - q @ d.T) / 2, exact for any code length below
+# 2**24. mAP needs no sort: an item's rank under the rule is (#items at a smaller distance) +
+# (#items at its distance with an index <= its own). The relevant items of a query (those with
+# its label) split the database into segments, and one histogram of (segment, distance) per
+# query (``torch.bincount``) gives both counts for every relevant item, so a query costs
+# O(N + R * bits) after the matmul instead of a sort of N (R: its number of relevant items).
+# On 2 idle CPU cores at the CUB shape (5,794 x 5,994, 64 bits) the matmul took 0.09 s, a
+# stable torch.sort of the distance rows 1.2 s, and the histogram path about 0.3 s in all.
+# ============================================================================================
+
+
+def _as_codes(codes, name: str) -> torch.Tensor:
+    codes = _as_tensor(codes).float()
+    if codes.dim() != 2:
+        raise ValueError(f"{name} must be a (n, bits) tensor of ±1, got shape {tuple(codes.shape)}")
+    if codes.numel() and not bool(((codes == 1) | (codes == -1)).all()):
+        raise ValueError(
+            f"{name} must hold only +1 and -1 (sign codes, with 0 mapped to -1: hashing.binarize)"
+        )
+    return codes
+
+
+def _compact_labels(query_labels, database_labels):
+    """Integer labels (any values) -> 0-based ids shared by queries and database."""
+    q = _as_tensor(query_labels).reshape(-1).long()
+    d = _as_tensor(database_labels).reshape(-1).long()
+    _, inverse = torch.unique(torch.cat([q, d]), return_inverse=True)
+    return inverse[: len(q)], inverse[len(q) :]
+
+
+def hamming_distances(query_codes: torch.Tensor, database_codes: torch.Tensor) -> torch.Tensor:
+    """(Q, bits) and (N, bits) ±1 float codes -> (Q, N) float32 Hamming distances (exact)."""
+    bits = query_codes.shape[1]
+    return (bits - query_codes @ database_codes.T) * 0.5
+
+
+def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x.cumsum(dim) - x
+
+
+def hamming_ranking_metrics(
+    query_codes,
+    database_codes,
+    query_labels,
+    database_labels,
+    top_k: int | None = None,
+    exclude_indices=None,
+    chunk_elements: int = 1 << 22,
+) -> dict[str, torch.Tensor]:
+    """Per-query AP (and precision at ``top_k``) of the Hamming ranking, exactly, in chunks.
+
+    Args:
+        query_codes: (Q, bits) ±1; database_codes: (N, bits) ±1 (tensors or arrays).
+        query_labels: (Q,) int; database_labels: (N,) int. Relevant = same label.
+        top_k: None for AP over the whole ranking, AP = sum_i P@i rel_i / sum_i rel_i; an int K
+            for AP@K = sum_{i<=K} P@i rel_i / sum_{i<=K} rel_i (the denominator counts the
+            relevant items *retrieved* in the top K, the usual mAP@K of deep hashing code).
+        exclude_indices: None, or (Q,) database indices to drop from each query's ranking (-1:
+            none): the item takes no rank and is never relevant (M_s: a training image as a
+            query against the training database, itself excluded).
+        chunk_elements: working-memory bound, in elements per chunk of queries.
+    Returns:
+        {"ap": (Q,) float64, "relevant_in_top_k": (Q,) int64 (None top_k: all relevant),
+         "candidates": (Q,) int64 database size after exclusion}. A query with no relevant item
+        (within the top K) has AP 0; the seed's compute_mAP returned NaN for it.
+    """
+    queries = _as_codes(query_codes, "query_codes")
+    database = _as_codes(database_codes, "database_codes").to(queries.device)
+    if queries.shape[1] != database.shape[1]:
+        raise ValueError(
+            f"query codes have {queries.shape[1]} bits, database codes {database.shape[1]}"
+        )
+    n_queries, bits = queries.shape
+    n_db = database.shape[0]
+    q_labels, db_labels = _compact_labels(query_labels, database_labels)
+    if len(q_labels) != n_queries or len(db_labels) != n_db:
+        raise ValueError(
+            f"{len(q_labels)} query labels for {n_queries} queries, {len(db_labels)} database "
+            f"labels for {n_db} database codes"
+        )
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    device = queries.device
+    q_labels, db_labels = q_labels.to(device), db_labels.to(device)
+    exclude = torch.full((n_queries,), -1, dtype=torch.long, device=device)
+    if exclude_indices is not None:
+        exclude = _as_tensor(exclude_indices).reshape(-1).long().to(device)
+        if len(exclude) != n_queries or bool(((exclude < -1) | (exclude >= n_db)).any()):
+            raise ValueError(f"exclude_indices must be {n_queries} indices in -1..{n_db - 1}")
+
+    n_buckets = bits + 2  # distances 0..bits, and bits + 1 for an excluded item
+    n_labels = int(max(q_labels.max().item() if n_queries else 0, db_labels.max().item()) + 1)
+    relevant_count = torch.bincount(db_labels, minlength=n_labels)
+    # Queries sorted by label, so a chunk needs the segments of few labels.
+    order = torch.argsort(q_labels, stable=True)
+    max_segments = int(relevant_count.max().item()) + 1
+    ap = torch.zeros(n_queries, dtype=torch.float64, device=device)
+    retrieved = torch.zeros(n_queries, dtype=torch.long, device=device)
+    db_positions = torch.arange(n_db, device=device)
+    start = 0
+    while start < n_queries:
+        # Rows per chunk: the (rows, N) distances and the (rows, S, buckets) histogram fit.
+        rows = max(1, min(chunk_elements, 1 << 24) // max(n_db, max_segments * n_buckets))
+        idx = order[start : start + rows]
+        start += rows
+        rows = len(idx)
+        labels = q_labels[idx]
+        n_rel = relevant_count[labels]  # (rows,)
+        n_seg = int(n_rel.max().item()) + 1
+        row_codes = queries[idx]
+        # Segment of item i for label c: how many items of label c come before i.
+        chunk_labels, label_slot = torch.unique_consecutive(labels, return_inverse=True)
+        is_rel = db_labels[None, :] == chunk_labels[:, None]  # (U, N)
+        segments = _exclusive_cumsum(is_rel.long(), 1).float()  # (U, N)
+        # The bin of each item: (row * buckets + distance) * S + segment, in fp32 (exact: below
+        # 2**24), built in place on the gathered segments: few passes over (rows, N).
+        flat = segments[label_slot]
+        flat.add_(row_codes @ database.T, alpha=-0.5 * n_seg)
+        row_base = torch.arange(rows, device=device, dtype=torch.float32) * (n_buckets * n_seg)
+        flat += (row_base + n_seg * bits * 0.5)[:, None]
+        row_exclude = exclude[idx]
+        rows_ex = torch.nonzero(row_exclude >= 0).flatten()
+        if len(rows_ex):  # an excluded item moves to the extra bucket bits + 1
+            cols_ex = row_exclude[rows_ex]
+            dots = (row_codes[rows_ex] * database[cols_ex]).sum(1)
+            flat[rows_ex, cols_ex] += ((bits + 1) - (bits - dots) * 0.5) * n_seg
+        hist = torch.bincount(flat.view(-1).long(), minlength=rows * n_buckets * n_seg)
+        hist = hist.view(rows, n_buckets, n_seg)
+        closer = _exclusive_cumsum(hist.sum(2), 1)  # (rows, buckets): items at a smaller distance
+        tied_before = hist.cumsum(2)  # (rows, buckets, S): same distance, index <= segment end
+        # Relevant items of each row, in database order, padded to the chunk's largest class.
+        n_pad = max(n_seg - 1, 1)
+        rel_pos = torch.zeros(len(chunk_labels), n_pad, dtype=torch.long, device=device)
+        rel_valid = torch.zeros(len(chunk_labels), n_pad, dtype=torch.bool, device=device)
+        for u in range(len(chunk_labels)):
+            pos = db_positions[is_rel[u]]
+            rel_pos[u, : len(pos)] = pos
+            rel_valid[u, : len(pos)] = True
+        rel_pos, rel_valid = rel_pos[label_slot], rel_valid[label_slot]  # (rows, n_pad)
+        rel_dots = (row_codes[:, None, :] * database[rel_pos]).sum(2)
+        rel_dist = ((bits - rel_dots) * 0.5).long()  # (rows, n_pad)
+        rel_dist[rel_pos == row_exclude[:, None]] = bits + 1
+        # rank = items at a smaller distance + items at this distance up to this segment's end
+        rank = closer.gather(1, rel_dist) + tied_before.gather(1, rel_dist[:, None, :]).squeeze(1)
+        counted = rel_valid & (rel_dist <= bits)  # excluded items are never relevant
+        # Rank among the relevant items: the same two counts over the relevant items alone.
+        one_hot = torch.zeros(rows, n_buckets, n_pad, dtype=torch.long, device=device)
+        one_hot.scatter_(1, rel_dist[:, None, :], counted[:, None, :].long())
+        rel_rank = _exclusive_cumsum(one_hot.sum(2), 1).gather(1, rel_dist)
+        rel_rank += one_hot.cumsum(2).gather(1, rel_dist[:, None, :]).squeeze(1)
+        if top_k is not None:
+            counted &= rank <= top_k
+        precision = rel_rank.double() / rank.clamp_min(1).double()
+        total = (precision * counted).sum(1)
+        found = counted.sum(1)
+        ap[idx] = torch.where(found > 0, total / found.clamp_min(1), torch.zeros_like(total))
+        retrieved[idx] = found
+    candidates = n_db - (exclude >= 0).long()
+    return {"ap": ap, "relevant_in_top_k": retrieved, "candidates": candidates}
+
+
+def hamming_map(
+    query_codes,
+    database_codes,
+    query_labels,
+    database_labels,
+    top_k: int | None = None,
+    exclude_indices=None,
+) -> float:
+    """mAP in [0, 1] of the Hamming ranking (ties by database index); see
+    ``hamming_ranking_metrics`` for the arguments, AP and AP@K. Codes are ±1, (Q, bits) and
+    (N, bits); labels are integer arrays (Q,) and (N,)."""
+    result = hamming_ranking_metrics(
+        query_codes, database_codes, query_labels, database_labels, top_k, exclude_indices
+    )
+    return float(result["ap"].mean()) if len(result["ap"]) else 0.0
+
+
+def hamming_precision_at_k(
+    query_codes, database_codes, query_labels, database_labels, k: int, exclude_indices=None
+) -> float:
+    """Mean over queries of (relevant items among the first k of the Hamming ranking) / k,
+    with k capped at the number of candidates (database size after exclusion)."""
+    result = hamming_ranking_metrics(
+        query_codes, database_codes, query_labels, database_labels, k, exclude_indices
+    )
+    denominator = result["candidates"].clamp(max=k).clamp_min(1).double()
+    return float((result["relevant_in_top_k"] / denominator).mean()) if len(denominator) else 0.0
+
+
+def hamming_top_k(
+    query_codes, database_codes, k: int, exclude_indices=None, chunk_elements: int = 1 << 24
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k nearest database codes of each query in Hamming distance, ties by index.
+
+    Returns (distances, indices), both (Q, k) int64, each row in ranking order. The (distance,
+    index) pairs are made one unique int64 key, so ``topk`` needs no tie repair.
+    """
+    queries = _as_codes(query_codes, "query_codes")
+    database = _as_codes(database_codes, "database_codes").to(queries.device)
+    n_queries, bits = queries.shape
+    n_db = database.shape[0]
+    if not 1 <= k <= n_db:
+        raise ValueError(f"k must be in 1..{n_db}, got {k}")
+    exclude = None
+    if exclude_indices is not None:
+        exclude = _as_tensor(exclude_indices).reshape(-1).long().to(queries.device)
+    rows = max(1, chunk_elements // n_db)
+    positions = torch.arange(n_db, device=queries.device)
+    out_d = torch.empty(n_queries, k, dtype=torch.long, device=queries.device)
+    out_i = torch.empty_like(out_d)
+    for start in range(0, n_queries, rows):
+        keys = hamming_distances(queries[start : start + rows], database).long()
+        if exclude is not None:
+            ex = exclude[start : start + rows]
+            keep = torch.nonzero(ex >= 0).flatten()
+            keys[keep, ex[keep]] = bits + 1
+        keys.mul_(n_db).add_(positions)
+        top = torch.topk(keys, k, dim=1, largest=False, sorted=True).values
+        out_d[start : start + rows] = top // n_db
+        out_i[start : start + rows] = top % n_db
+    return out_d, out_i
