@@ -458,7 +458,7 @@ def self_expanding_loss(
     summed over all negatives, or (hardest_negative, VSE++) over the highest-cost negative of
     each row of c_s and each column of c_im. Summed, not averaged, as ESA's code does.
     """
-    scores = image_views.float() @ caption_views.float().T
+    scores = image_views @ caption_views.T
     n = scores.shape[0]
     b = n // views
     item = torch.arange(n, device=scores.device) // views
