@@ -1205,25 +1205,14 @@ def test_on_training_queries(
 # Counting needs no sort and is exact; R@k is the share of queries whose rank is < k. For i2t
 # the image's rank is that of its best-ranked caption (ESA's / VSE++'s protocol).
 
-IMAGE_TEXT_CHUNK_ELEMENTS = 1 << 24  # score-matrix elements per chunk (64 MB in fp32)
+import math  # noqa: E402
+
+IMAGE_TEXT_CHUNK_ELEMENTS = 1 << 24  # score-matrix elements per block (64 MB in fp32)
 
 
 def _image_text_tensor(x, dtype) -> torch.Tensor:
     x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
     return x.to(dtype)
-
-
-def _positive_ranks(scores: torch.Tensor, positive_columns: torch.Tensor) -> torch.Tensor:
-    """scores (Q, N); positive_columns (Q, P) long -> (Q,) rank of each row's first positive
-    in the order (score descending, index ascending)."""
-    positive_scores = scores.gather(1, positive_columns)
-    best = positive_scores.max(dim=1, keepdim=True).values
-    # the first positive in the order: the best score, and among equals the lowest index
-    sentinel = scores.shape[1]
-    best_column = torch.where(positive_scores == best, positive_columns, sentinel).min(1).values
-    columns = torch.arange(scores.shape[1], device=scores.device)
-    ahead = (scores > best) | ((scores == best) & (columns < best_column[:, None]))
-    return ahead.sum(1)
 
 
 def image_text_ranks(
@@ -1236,33 +1225,61 @@ def image_text_ranks(
     """(i2t ranks (n_images,), t2i ranks (n_captions,)), 0-based, from a score function.
 
     ``score_fn(image_rows, caption_columns)`` returns the (rows, columns) block of the
-    image x caption score matrix for two slices. i2t ranks come from row blocks (each image
-    against every caption), t2i ranks from column blocks (each caption against every image), so
-    a query's positive and its competitors always come from one call (the two directions never
-    compare numbers from different matrix products).
+    image x caption score matrix for two slices. The matrix is visited in blocks of whole images
+    (rows) by their captions (columns), each block computed exactly once: first the diagonal
+    blocks, which hold every positive (the exact thresholds of both directions), then the others.
+    Both directions count from the same numbers, so a positive is never compared with a score
+    recomputed by another product.
     """
-    if n_captions != captions_per_image * n_images:
-        raise ValueError(
-            f"{n_captions} captions for {n_images} images: expected {captions_per_image} per image"
-        )
-    rows_per_chunk = max(1, chunk_elements // max(n_captions, 1))
-    i2t = []
-    for start in range(0, n_images, rows_per_chunk):
-        stop = min(start + rows_per_chunk, n_images)
-        scores = score_fn(slice(start, stop), slice(0, n_captions)).float()
-        image_ids = torch.arange(start, stop, device=scores.device)
-        positives = image_ids[:, None] * captions_per_image + torch.arange(
-            captions_per_image, device=scores.device
-        )
-        i2t.append(_positive_ranks(scores, positives))
-    cols_per_chunk = max(1, chunk_elements // max(n_images, 1))
-    t2i = []
-    for start in range(0, n_captions, cols_per_chunk):
-        stop = min(start + cols_per_chunk, n_captions)
-        scores = score_fn(slice(0, n_images), slice(start, stop)).float().T
-        caption_ids = torch.arange(start, stop, device=scores.device)
-        t2i.append(_positive_ranks(scores, (caption_ids // captions_per_image)[:, None]))
-    return torch.cat(i2t), torch.cat(t2i)
+    per = captions_per_image
+    if n_captions != per * n_images:
+        raise ValueError(f"{n_captions} captions for {n_images} images: expected {per} per image")
+    rows = max(1, min(n_images, math.isqrt(max(1, chunk_elements // per))))
+    starts = list(range(0, n_images, rows))
+    spans = [(i0, min(i0 + rows, n_images)) for i0 in starts]
+    i2t_best = i2t_best_col = t2i_positive = i2t_ranks = t2i_ranks = device = None
+
+    def count(block, i0, i1, c0, c1):
+        cs = slice(c0 * per, c1 * per)
+        best, best_col = i2t_best[i0:i1, None], i2t_best_col[i0:i1, None]
+        ahead = torch.count_nonzero(block > best, dim=1)
+        ties = block == best
+        if ties.any():  # equal scores: the lower caption index goes first
+            columns = torch.arange(c0 * per, c1 * per, device=device)
+            ahead += (ties & (columns[None, :] < best_col)).sum(1)
+        i2t_ranks[i0:i1] += ahead
+        positive = t2i_positive[None, cs]
+        above = torch.count_nonzero(block > positive, dim=0)
+        ties = block == positive
+        if ties.any():  # equal scores: the lower image index goes first
+            own = torch.arange(c0 * per, c1 * per, device=device)[None, :] // per
+            above += (ties & (torch.arange(i0, i1, device=device)[:, None] < own)).sum(0)
+        t2i_ranks[cs] += above
+
+    # diagonal blocks first: they hold every positive, and are counted as soon as read
+    for i0, i1 in spans:
+        block = score_fn(slice(i0, i1), slice(i0 * per, i1 * per)).float()
+        if i2t_ranks is None:
+            device = block.device
+            i2t_best = torch.empty(n_images, device=device)
+            i2t_best_col = torch.empty(n_images, dtype=torch.long, device=device)
+            t2i_positive = torch.empty(n_captions, device=device)
+            i2t_ranks = torch.zeros(n_images, dtype=torch.long, device=device)
+            t2i_ranks = torch.zeros(n_captions, dtype=torch.long, device=device)
+        local = torch.arange(i1 - i0, device=device)
+        cols = local[:, None] * per + torch.arange(per, device=device)  # (r, per), local
+        positive = block.gather(1, cols)
+        best = positive.max(1).values
+        # the first positive in the order: the best score, and among equals the lowest index
+        first = torch.where(positive == best[:, None], cols, block.shape[1]).min(1).values
+        i2t_best[i0:i1], i2t_best_col[i0:i1] = best, first + i0 * per
+        t2i_positive[i0 * per : i1 * per] = positive.reshape(-1)
+        count(block, i0, i1, i0, i1)
+    for i0, i1 in spans:
+        for c0, c1 in spans:
+            if c0 != i0:
+                count(score_fn(slice(i0, i1), slice(c0 * per, c1 * per)).float(), i0, i1, c0, c1)
+    return i2t_ranks, t2i_ranks
 
 
 def recalls_from_ranks(i2t_ranks, t2i_ranks, ks=(1, 5, 10)) -> dict[str, float]:
