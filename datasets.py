@@ -1557,3 +1557,475 @@ HASHING_DATASETS = {
     "image_folder": HashingSynthetic,
     "hashing_synthetic": HashingSynthetic,
 }
+
+
+# ===================================================================================== ESA
+# Image-text matching on precomputed region features (issue 16). Everything below this line
+# belongs to the ESA task (esa.py); nothing above depends on it.
+#
+# Layout (SCAN / VSE-infinity), for --dataset f30k_precomp and coco_precomp:
+#   <path>/precomp/{split}_ims.npy   float (N, R, D), R = 36 and D = 2048 for the BUTD features;
+#                                    read with np.load(mmap_mode="r"), never unpickled
+#   <path>/precomp/{split}_caps.txt  one caption per line, captions_per_image consecutive lines
+#                                    per image (5; 1 when the counts are equal)
+# Splits: train, dev, test, and for COCO testall (5-fold 1K and 5K).
+
+import re  # noqa: E402  (this section is appended; the imports above are left untouched)
+
+from css_generator import _write_atomic  # noqa: E402
+
+PRECOMP_SPLITS = {
+    "f30k_precomp": ("train", "dev", "test"),
+    "coco_precomp": ("train", "dev", "test", "testall"),
+}
+#: The split each dataset is tested on (ESA's eval.py): Flickr30K's 1K test, COCO's testall.
+PRECOMP_TEST_SPLIT = {"f30k_precomp": "test", "coco_precomp": "testall"}
+PRECOMP_LAYOUT = (
+    "  <path>/precomp/{split}_ims.npy   float32 (N, 36, 2048) region features\n"
+    "  <path>/precomp/{split}_caps.txt  5 captions per image, one per line (or 1 per image)"
+)
+CAPTION_SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>", "<mask>")
+_CAPTION_TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+def tokenize_caption(text: str) -> list[str]:
+    """Lower-case words and punctuation marks, each a token ("top-left." -> top - left .).
+
+    Our stand-in for SCAN's nltk word_tokenize (no download); digits count as word letters."""
+    return _CAPTION_TOKEN.findall(text.lower())
+
+
+class CaptionVocab:
+    """Word <-> id map for the BiGRU, built from the training captions.
+
+    Ids 0..4 are ``<pad> <start> <end> <unk> <mask>`` (``<pad>`` = 0 pads batches); the words
+    follow in sorted order, so the vocabulary is a function of the training captions alone.
+    Words seen fewer than ``min_count`` times map to ``<unk>`` (SCAN's vocabularies use 4).
+    """
+
+    def __init__(self, words: list[str]):
+        self.words = list(CAPTION_SPECIAL_TOKENS) + [
+            w for w in words if w not in CAPTION_SPECIAL_TOKENS
+        ]
+        self.word2id = {w: i for i, w in enumerate(self.words)}
+        self.pad_id, self.start_id, self.end_id, self.unk_id, self.mask_id = range(5)
+        self.n_special = len(CAPTION_SPECIAL_TOKENS)
+
+    @classmethod
+    def from_captions(cls, captions, min_count: int = 1) -> CaptionVocab:
+        counts: dict[str, int] = {}
+        for caption in captions:
+            for word in tokenize_caption(caption):
+                counts[word] = counts.get(word, 0) + 1
+        return cls(sorted(w for w, c in counts.items() if c >= min_count))
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> list[int]:
+        """``<start>`` word ids ``<end>`` (unknown words -> ``<unk>``), as SCAN/ESA encode."""
+        ids = [self.word2id.get(w, self.unk_id) for w in tokenize_caption(text)]
+        return [self.start_id, *ids, self.end_id]
+
+
+def load_word_vectors(
+    path: str, vocab: CaptionVocab, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of a GloVe text file (``word v_1 ... v_dim`` per line) for the vocabulary's words.
+
+    Returns ``(vectors (len(vocab), dim), found (len(vocab),) bool)``; rows of words not in the
+    file are zero, and the caller keeps its own initialisation there. A word missing from the file
+    is looked up again without ``- . '`` and before a ``/``, as ESA does. A line with a wrong
+    number of values is an error naming ``path:line``.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--word_vectors {path} not found: expected a GloVe text file, one 'word v_1 ... "
+            f"v_{dim}' line per word"
+        )
+    table: dict[str, np.ndarray] = {}
+    wanted = set(vocab.words)
+    wanted |= {_glove_fallback(w) for w in vocab.words}
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for line_no, line in enumerate(f, 1):
+                parts = line.rstrip("\n").rstrip(" ").split(" ")
+                if len(parts) == 2 and line_no == 1 and all(p.isdigit() for p in parts):
+                    continue  # a word2vec-style "count dim" header
+                if len(parts) < dim + 1:
+                    raise DatasetFormatError(
+                        f"{path}:{line_no}: expected a word and {dim} numbers (--word_dim), "
+                        f"found {len(parts)} fields"
+                    )
+                word = " ".join(parts[:-dim])
+                if word not in wanted or word in table:
+                    continue
+                try:
+                    table[word] = np.asarray(parts[-dim:], dtype=np.float32)
+                except ValueError:
+                    raise DatasetFormatError(
+                        f"{path}:{line_no}: the {dim} values after {word!r} are not all numbers"
+                    ) from None
+        except UnicodeDecodeError as e:
+            raise DatasetFormatError(f"{path}: not UTF-8 text ({e})") from None
+    vectors = torch.zeros(len(vocab), dim)
+    found = torch.zeros(len(vocab), dtype=torch.bool)
+    for i, word in enumerate(vocab.words):
+        row = table.get(word, table.get(_glove_fallback(word)))
+        if row is not None:
+            vectors[i] = torch.from_numpy(row)
+            found[i] = True
+    return vectors, found
+
+
+def _glove_fallback(word: str) -> str:
+    word = word.replace("-", "").replace(".", "").replace("'", "")
+    return word.split("/")[0] if "/" in word else word
+
+
+def _open_region_features(path: str) -> np.ndarray:
+    """(N, R, D) float region features, memory-mapped; object or pickled files are refused."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found. Expected layout:\n{PRECOMP_LAYOUT}")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        except ValueError as e:
+            raise DatasetFormatError(
+                f"{path}: not a .npy array file ({e}); expected float32 (N, 36, 2048) region "
+                f"features"
+            ) from None
+    if dtype.hasobject or dtype.kind != "f":
+        raise DatasetFormatError(
+            f"{path}: holds {dtype} data (a pickled or object array is never loaded); expected "
+            f"float32 (N, 36, 2048) region features"
+        )
+    if len(shape) != 3 or 0 in shape:
+        raise DatasetFormatError(
+            f"{path}: region features of shape {tuple(shape)}; expected (N images, regions, "
+            f"feature dim), e.g. (N, 36, 2048)"
+        )
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _read_captions(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found. Expected layout:\n{PRECOMP_LAYOUT}")
+    captions = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            for line_no, line in enumerate(f, 1):
+                caption = line.strip()
+                if not tokenize_caption(caption):
+                    raise DatasetFormatError(
+                        f"{path}:{line_no}: empty caption; expected one caption per line"
+                    )
+                captions.append(caption)
+        except UnicodeDecodeError as e:
+            raise DatasetFormatError(f"{path}: not UTF-8 text ({e})") from None
+    return captions
+
+
+class PrecompDataset(torch.utils.data.Dataset):
+    """One split of precomputed region features and captions (SCAN / VSE-infinity layout).
+
+    ``images`` is the memory-mapped (N, R, D) array, ``captions`` the caption strings; caption j
+    belongs to image ``j // captions_per_image``. ``vocab`` (a ``CaptionVocab``) defaults to the
+    one built from this split's captions: pass the training split's to the others.
+
+    As a training set, item ``index`` is a pure function of ``(seed, index)``: epoch
+    ``e = index // n_captions`` visits every caption once in the order of a permutation drawn
+    from ``(seed, e)`` (ESA's shuffled loader over captions), and the item says which epoch
+    (``index / n_captions``) it belongs to, for SEL's warm-up.
+    """
+
+    synthetic = False
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        transform=None,
+        *,
+        vocab: CaptionVocab | None = None,
+        vocab_min_count: int = 1,
+        seed: int = 0,
+        feature_shape: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        self.path, self.split, self.transform, self.seed = path, split, transform, seed
+        root = os.path.join(path, "precomp")
+        ims_file = os.path.join(root, f"{split}_ims.npy")
+        caps_file = os.path.join(root, f"{split}_caps.txt")
+        self.images = _open_region_features(ims_file)
+        if feature_shape is not None and tuple(self.images.shape[1:]) != tuple(feature_shape):
+            raise DatasetFormatError(
+                f"{ims_file}: regions of shape {tuple(self.images.shape[1:])}, but the training "
+                f"split's are {tuple(feature_shape)}; every split must have the same (R, D)"
+            )
+        self.captions = _read_captions(caps_file)
+        n_images, n_captions = len(self.images), len(self.captions)
+        if n_captions == n_images:
+            self.captions_per_image = 1
+        elif n_captions == 5 * n_images:
+            self.captions_per_image = 5
+        else:
+            raise DatasetFormatError(
+                f"{caps_file}: {n_captions} captions for the {n_images} images of {ims_file}; "
+                f"expected 5 consecutive captions per image ({5 * n_images} lines) or one each"
+            )
+        self.synthetic = os.path.isfile(os.path.join(path, SYNTHETIC_MARKER))
+        self.vocab = vocab or CaptionVocab.from_captions(self.captions, vocab_min_count)
+        self._permutation: tuple[int, np.ndarray] | None = None
+
+    # --------------------------------------------------------------- sizes and features
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def n_regions(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.images.shape[2])
+
+    def region_features(self, image_ids) -> torch.Tensor:
+        """(len(image_ids), R, D) float32 tensor of the given images (sorted reads of the map)."""
+        ids = np.asarray(image_ids, dtype=np.int64)
+        return torch.from_numpy(np.asarray(self.images[ids], dtype=np.float32))
+
+    def get_all_texts(self) -> list[str]:
+        return self.captions
+
+    # --------------------------------------------------------------- training items
+    def caption_order(self, epoch: int) -> np.ndarray:
+        if self._permutation is None or self._permutation[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._permutation = (epoch, rng.permutation(len(self.captions)))
+        return self._permutation[1]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.captions)
+        epoch, position = divmod(int(index), n)
+        caption_id = int(self.caption_order(epoch)[position])
+        image_id = caption_id // self.captions_per_image
+        caption = self.captions[caption_id]
+        return {
+            "regions": torch.from_numpy(np.array(self.images[image_id], dtype=np.float32)),
+            "tokens": self.vocab.encode(caption),
+            "caption": caption,
+            "image_id": image_id,
+            "caption_id": caption_id,
+            "epoch": int(index) / n,
+        }
+
+    @staticmethod
+    def collate_fn(items: list[dict]) -> dict:
+        """regions (B, R, D); tokens (B, T) padded with ``<pad>`` = 0; lengths (B,)."""
+        lengths = torch.tensor([len(it["tokens"]) for it in items])
+        tokens = torch.zeros(len(items), int(lengths.max()), dtype=torch.long)
+        for row, it in enumerate(items):
+            tokens[row, : len(it["tokens"])] = torch.tensor(it["tokens"])
+        return {
+            "regions": torch.stack([it["regions"] for it in items]),
+            "tokens": tokens,
+            "lengths": lengths,
+            "captions": [it["caption"] for it in items],
+            "image_ids": torch.tensor([it["image_id"] for it in items]),
+            "caption_ids": torch.tensor([it["caption_id"] for it in items]),
+            "epoch": min(it["epoch"] for it in items),
+        }
+
+
+def load_precomp(
+    name: str,
+    path: str,
+    splits,
+    *,
+    seed: int = 0,
+    vocab_min_count: int = 1,
+) -> dict[str, PrecompDataset]:
+    """The named splits of ``name`` (f30k_precomp or coco_precomp) at ``path``; the vocabulary
+    is built from the training captions, and every split must match the training (R, D)."""
+    allowed = PRECOMP_SPLITS[name]
+    for split in splits:
+        if split not in allowed:
+            raise ValueError(f"{name} has the splits {', '.join(allowed)}; not {split!r}")
+    train = PrecompDataset(path, "train", seed=seed, vocab_min_count=vocab_min_count)
+    out = {"train": train}
+    for split in splits:
+        if split != "train":
+            out[split] = PrecompDataset(
+                path,
+                split,
+                vocab=train.vocab,
+                seed=seed,
+                feature_shape=train.images.shape[1:],
+            )
+    return out
+
+
+# ----------------------------------------------------------------- the synthetic stand-in
+
+#: Images per split of the generated stand-in (f30k: train/dev/test; coco adds testall).
+PRECOMP_SYNTHETIC_SIZES = {
+    "full": {"train": 2000, "dev": 200, "test": 500, "testall": 1000},
+    "small": {"train": 60, "dev": 10, "test": 20, "testall": 40},
+}
+_SYNTH_ATTRS = 3 + 8 + 2 + 3 + 3 + 2  # one-hot shape, colour, size, row, column; (y, x)
+
+
+def _synthetic_scene(rng: random.Random):
+    """2-5 CSS objects (shape, colour, size, row, column, y, x), each in its own cell."""
+    from css_generator import CELL_CENTRES, COLORS, POS_JITTER, SHAPES, SIZES
+
+    cells = rng.sample(range(9), rng.randint(2, 5))
+    objects = []
+    for cell in cells:
+        row, col = divmod(cell, 3)
+        objects.append(
+            (
+                rng.randrange(len(SHAPES)),
+                rng.randrange(len(COLORS)),
+                rng.randrange(len(SIZES)),
+                row,
+                col,
+                CELL_CENTRES[row] + rng.uniform(-POS_JITTER, POS_JITTER),
+                CELL_CENTRES[col] + rng.uniform(-POS_JITTER, POS_JITTER),
+            )
+        )
+    return objects
+
+
+def _synthetic_captions(objects, rng: random.Random) -> list[str]:
+    """Five template captions of a scene, differing in word order and in detail."""
+    from css_generator import COLORS, COLUMNS, ROWS, SHAPES, SIZES
+
+    colors, sizes = tuple(COLORS), tuple(SIZES)
+
+    def name(o, size=True, color=True):
+        words = ([sizes[o[2]]] if size else []) + ([colors[o[1]]] if color else [])
+        return " ".join(words + [SHAPES[o[0]]])
+
+    def where(o):
+        return f"{ROWS[o[3]]}-{COLUMNS[o[4]]}"
+
+    objs = list(objects)
+    reordered = objs[:]
+    rng.shuffle(reordered)
+    return [
+        " and ".join(f"a {name(o)} at {where(o)}" for o in objs) + " .",
+        "there is " + " , ".join(f"a {name(o, size=False)}" for o in reversed(objs)) + " .",
+        f"{len(objs)} objects : "
+        + " ; ".join(f"{name(o, color=False)} in the {ROWS[o[3]]} {COLUMNS[o[4]]}" for o in objs),
+        " and ".join(
+            f"a {SHAPES[o[0]]} that is {sizes[o[2]]} and {colors[o[1]]}" for o in reordered
+        )
+        + " .",
+        f"a scene of {len(objs)} shapes , with a {name(objs[0])} on the {COLUMNS[objs[0][4]]}",
+    ]
+
+
+def _object_code(o) -> np.ndarray:
+    code = np.zeros(_SYNTH_ATTRS, dtype=np.float64)
+    code[o[0]] = code[3 + o[1]] = code[11 + o[2]] = code[13 + o[3]] = code[16 + o[4]] = 1.0
+    code[19:21] = o[5], o[6]
+    return code
+
+
+def generate_precomp_synthetic(
+    out_dir: str,
+    name: str = "f30k_precomp",
+    seed: int = 0,
+    size="full",
+    feature_dim: int = 2048,
+    n_regions: int = 12,
+    noise: float = 0.3,
+) -> str:
+    """Write a CSS-like stand-in for ``name`` in the precomp layout under ``out_dir``.
+
+    Each image is a scene of 2-5 CSS objects. Its regions are one per object plus background
+    regions up to ``n_regions``, in a random order; an object's region is a fixed random
+    projection (drawn from ``seed``) of its (shape, colour, size, row, column, y, x) code plus
+    Gaussian noise, and a background region the projection of a random code; all through a ReLU,
+    like pooled CNN activations. Five template captions per scene. Deterministic: the same
+    arguments give the same bytes. Writes ``SYNTHETIC.json`` (the marker that labels results
+    synthetic) last, and returns ``out_dir``.
+    """
+    sizes = PRECOMP_SYNTHETIC_SIZES[size] if isinstance(size, str) else None
+    if sizes is None:
+        n = int(size)
+        sizes = {"train": n, "dev": max(n // 10, 5), "test": max(n // 4, 5)}
+        sizes["testall"] = 2 * sizes["test"]
+    if n_regions < 5:
+        raise ValueError(f"n_regions must be at least 5 (scenes have up to 5 objects): {n_regions}")
+    root = os.path.join(out_dir, "precomp")
+    os.makedirs(root, exist_ok=True)
+    projection_rng = np.random.default_rng([seed, 16])
+    projection = projection_rng.standard_normal((_SYNTH_ATTRS, feature_dim)) / np.sqrt(3.0)
+    for split_no, split in enumerate(PRECOMP_SPLITS[name]):
+        rng = random.Random(f"esa-synthetic:{seed}:{split}")
+        noise_rng = np.random.default_rng([seed, split_no])
+        n_images = sizes[split]
+        features = np.empty((n_images, n_regions, feature_dim), dtype=np.float32)
+        captions = []
+        for i in range(n_images):
+            objects = _synthetic_scene(rng)
+            codes = np.zeros((n_regions, _SYNTH_ATTRS))
+            for r, o in enumerate(objects):
+                codes[r] = _object_code(o)
+            codes[len(objects) :] = noise_rng.uniform(
+                0, 1, (n_regions - len(objects), _SYNTH_ATTRS)
+            )
+            codes = codes[noise_rng.permutation(n_regions)]
+            regions = codes @ projection + noise * noise_rng.standard_normal(
+                (n_regions, feature_dim)
+            )
+            features[i] = np.maximum(regions, 0.0)
+            captions.extend(_synthetic_captions(objects, rng))
+
+        def write_npy(f, features=features):
+            np.save(f, features, allow_pickle=False)
+
+        def write_caps(f, captions=captions):
+            f.write("".join(c + "\n" for c in captions).encode("utf-8"))
+
+        _write_atomic(os.path.join(root, f"{split}_ims.npy"), write_npy)
+        _write_atomic(os.path.join(root, f"{split}_caps.txt"), write_caps)
+    marker = {
+        "synthetic": True,
+        "generator": "datasets.generate_precomp_synthetic",
+        "dataset": name,
+        "seed": seed,
+        "sizes": sizes,
+        "feature_dim": feature_dim,
+        "n_regions": n_regions,
+        "noise": noise,
+    }
+    _write_atomic(
+        os.path.join(out_dir, SYNTHETIC_MARKER),
+        lambda f: f.write(json.dumps(marker, indent=1, sort_keys=True).encode()),
+    )
+    return out_dir
+
+
+def precomp_synthetic_dir(data_dir: str, name: str, seed: int, size="full") -> str:
+    """The stand-in's folder, generated there on first use (a folder without the marker, left by
+    an interrupted generation, is generated again)."""
+    tag = "" if size == "full" else f"_{size}"
+    out_dir = os.path.join(data_dir, f"{name}_synthetic_seed{seed}{tag}")
+    if not os.path.isfile(os.path.join(out_dir, SYNTHETIC_MARKER)):
+        generate_precomp_synthetic(out_dir, name, seed, size)
+    return out_dir
+
+
+DATASETS_PRECOMP = tuple(PRECOMP_SPLITS)

@@ -791,3 +791,204 @@ def hamming_top_k(
         out_d[start : start + rows] = top // n_db
         out_i[start : start + rows] = top % n_db
     return out_d, out_i
+
+
+# ===================================================================================== ESA
+# Image-text recall (issue 16), appended: it uses only torch and Callable from above this line.
+#
+# Caption j belongs to image j // captions_per_image. The rank of a query's positive is the
+# number of gallery items ordered before it: items with a higher score, and items with an equal
+# score and a lower index (ties ordered by index, as a stable sort of -score would order them).
+# Counting needs no sort and is exact; R@k is the share of queries whose rank is < k. For i2t
+# the image's rank is that of its best-ranked caption (ESA's / VSE++'s protocol).
+
+import math  # noqa: E402
+
+IMAGE_TEXT_CHUNK_ELEMENTS = 1 << 24  # score-matrix elements per block (64 MB in fp32)
+
+
+def _image_text_tensor(x, dtype) -> torch.Tensor:
+    x = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return x.to(dtype)
+
+
+def image_text_ranks(
+    score_fn: Callable[[slice, slice], torch.Tensor],
+    n_images: int,
+    n_captions: int,
+    captions_per_image: int = 5,
+    chunk_elements: int = IMAGE_TEXT_CHUNK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(i2t ranks (n_images,), t2i ranks (n_captions,)), 0-based, from a score function.
+
+    ``score_fn(image_rows, caption_columns)`` returns the (rows, columns) block of the
+    image x caption score matrix for two slices. The matrix is visited in blocks of whole images
+    (rows) by their captions (columns), each block computed exactly once: first the diagonal
+    blocks, which hold every positive (the exact thresholds of both directions), then the others.
+    Both directions count from the same numbers, so a positive is never compared with a score
+    recomputed by another product.
+    """
+    per = captions_per_image
+    if n_captions != per * n_images:
+        raise ValueError(f"{n_captions} captions for {n_images} images: expected {per} per image")
+    rows = max(1, min(n_images, math.isqrt(max(1, chunk_elements // per))))
+    starts = list(range(0, n_images, rows))
+    spans = [(i0, min(i0 + rows, n_images)) for i0 in starts]
+    i2t_best = i2t_best_col = t2i_positive = i2t_ranks = t2i_ranks = device = None
+
+    def count(block, i0, i1, c0, c1):
+        cs = slice(c0 * per, c1 * per)
+        best, best_col = i2t_best[i0:i1, None], i2t_best_col[i0:i1, None]
+        ahead = torch.count_nonzero(block > best, dim=1)
+        ties = block == best
+        if ties.any():  # equal scores: the lower caption index goes first
+            columns = torch.arange(c0 * per, c1 * per, device=device)
+            ahead += (ties & (columns[None, :] < best_col)).sum(1)
+        i2t_ranks[i0:i1] += ahead
+        positive = t2i_positive[None, cs]
+        above = torch.count_nonzero(block > positive, dim=0)
+        ties = block == positive
+        if ties.any():  # equal scores: the lower image index goes first
+            own = torch.arange(c0 * per, c1 * per, device=device)[None, :] // per
+            above += (ties & (torch.arange(i0, i1, device=device)[:, None] < own)).sum(0)
+        t2i_ranks[cs] += above
+
+    # diagonal blocks first: they hold every positive, and are counted as soon as read
+    for i0, i1 in spans:
+        block = score_fn(slice(i0, i1), slice(i0 * per, i1 * per)).float()
+        if i2t_ranks is None:
+            device = block.device
+            i2t_best = torch.empty(n_images, device=device)
+            i2t_best_col = torch.empty(n_images, dtype=torch.long, device=device)
+            t2i_positive = torch.empty(n_captions, device=device)
+            i2t_ranks = torch.zeros(n_images, dtype=torch.long, device=device)
+            t2i_ranks = torch.zeros(n_captions, dtype=torch.long, device=device)
+        local = torch.arange(i1 - i0, device=device)
+        cols = local[:, None] * per + torch.arange(per, device=device)  # (r, per), local
+        positive = block.gather(1, cols)
+        best = positive.max(1).values
+        # the first positive in the order: the best score, and among equals the lowest index
+        first = torch.where(positive == best[:, None], cols, block.shape[1]).min(1).values
+        i2t_best[i0:i1], i2t_best_col[i0:i1] = best, first + i0 * per
+        t2i_positive[i0 * per : i1 * per] = positive.reshape(-1)
+        count(block, i0, i1, i0, i1)
+    for i0, i1 in spans:
+        for c0, c1 in spans:
+            if c0 != i0:
+                count(score_fn(slice(i0, i1), slice(c0 * per, c1 * per)).float(), i0, i1, c0, c1)
+    return i2t_ranks, t2i_ranks
+
+
+def recalls_from_ranks(i2t_ranks, t2i_ranks, ks=(1, 5, 10)) -> dict[str, float]:
+    """{"i2t_R@k", ..., "t2i_R@k", "rsum"} in percent from 0-based ranks."""
+    out = {}
+    for direction, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+        for k in ks:
+            out[f"{direction}_R@{k}"] = 100.0 * (ranks < k).double().mean().item()
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def _feature_score_fn(image_features, caption_features):
+    images = _image_text_tensor(image_features, torch.float32)
+    captions = _image_text_tensor(caption_features, torch.float32).to(images.device)
+    for name, x in (("image_features", images), ("caption_features", captions)):
+        if x.ndim != 2:
+            raise ValueError(f"{name}: expected a (N, D) matrix, got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name}: holds NaN or infinite values")
+
+    def score_fn(rows: slice, columns: slice) -> torch.Tensor:
+        return images[rows] @ captions[columns].T
+
+    return score_fn, len(images), len(captions)
+
+
+def image_text_recall(
+    image_features,
+    caption_features,
+    captions_per_image: int = 5,
+    ks=(1, 5, 10),
+    chunk_elements: int = IMAGE_TEXT_CHUNK_ELEMENTS,
+) -> dict[str, float]:
+    """Image->text and text->image recall of (N, D) image and (N * captions_per_image, D)
+    caption features (tensors or arrays; L2-normalised features give cosine similarity).
+
+    Returns ``{"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", ..., "rsum"}`` in percent. Exact:
+    chunked ``images @ captions.T`` on the features' device, ranks counted (no sort), ties
+    ordered by index; each matrix block is computed once per direction.
+    """
+    score_fn, n_images, n_captions = _feature_score_fn(image_features, caption_features)
+    ranks = image_text_ranks(score_fn, n_images, n_captions, captions_per_image, chunk_elements)
+    return recalls_from_ranks(*ranks, ks=ks)
+
+
+def image_text_recall_from_scores(
+    scores,
+    captions_per_image: int = 5,
+    ks=(1, 5, 10),
+    n_images: int | None = None,
+    n_captions: int | None = None,
+    chunk_elements: int = IMAGE_TEXT_CHUNK_ELEMENTS,
+) -> dict[str, float]:
+    """``image_text_recall`` from a precomputed (n_images, n_captions) score matrix, or from a
+    function ``scores(image_rows: slice, caption_columns: slice) -> block`` (then give
+    n_images and n_captions), e.g. ESA*'s average of two models' similarities."""
+    if callable(scores):
+        if n_images is None or n_captions is None:
+            raise ValueError("a score function needs n_images and n_captions")
+        score_fn = scores
+    else:
+        matrix = _image_text_tensor(scores, torch.float32)
+        n_images, n_captions = matrix.shape
+
+        def score_fn(rows, columns):
+            return matrix[rows, columns]
+
+    ranks = image_text_ranks(score_fn, n_images, n_captions, captions_per_image, chunk_elements)
+    return recalls_from_ranks(*ranks, ks=ks)
+
+
+def image_text_recall_folds(
+    image_features=None,
+    caption_features=None,
+    captions_per_image: int = 5,
+    ks=(1, 5, 10),
+    folds: int = 5,
+    scores=None,
+    n_images: int | None = None,
+) -> dict[str, float]:
+    """COCO's 5-fold 1K protocol: the images split into ``folds`` consecutive equal folds (1,000
+    images and their 5,000 captions each on COCO's 5K testall), recall within each fold, and the
+    mean of every metric over the folds. Give features, or ``scores`` (a matrix or a function as
+    in ``image_text_recall_from_scores``, with ``n_images`` for a function)."""
+    if scores is None:
+        score_fn, n_images, _ = _feature_score_fn(image_features, caption_features)
+    elif callable(scores):
+        score_fn = scores
+        if n_images is None:
+            raise ValueError("a score function needs n_images")
+    else:
+        matrix = _image_text_tensor(scores, torch.float32)
+        n_images = matrix.shape[0]
+
+        def score_fn(rows, columns):
+            return matrix[rows, columns]
+
+    if n_images % folds:
+        raise ValueError(f"{n_images} images do not split into {folds} equal folds")
+    per_fold = n_images // folds
+    results = []
+    for fold in range(folds):
+        i0, c0 = fold * per_fold, fold * per_fold * captions_per_image
+
+        def fold_scores(rows, columns, i0=i0, c0=c0):
+            return score_fn(
+                slice(i0 + rows.start, i0 + rows.stop), slice(c0 + columns.start, c0 + columns.stop)
+            )
+
+        ranks = image_text_ranks(
+            fold_scores, per_fold, per_fold * captions_per_image, captions_per_image
+        )
+        results.append(recalls_from_ranks(*ranks, ks=ks))
+    return {key: sum(r[key] for r in results) / folds for key in results[0]}
