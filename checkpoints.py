@@ -305,7 +305,8 @@ def record_evaluation(
                 continue  # already under train/<term>
             run.writer.add_scalar(f"eval/{split}/{key.replace('@', '')}", value, iteration)
         for key in ("seconds_features", "seconds_ranking"):
-            run.writer.add_scalar(f"time/eval_{split}_{key}", result[split][key], iteration)
+            if key in result[split]:
+                run.writer.add_scalar(f"time/eval_{split}_{key}", result[split][key], iteration)
     run.writer.add_scalar("eval/WHM", result["WHM"], iteration)
     with open(os.path.join(run.dir, "metrics.jsonl"), "a") as f:
         f.write("\n".join(lines) + "\n")
@@ -313,8 +314,10 @@ def record_evaluation(
 
 
 def format_result(result: dict, iteration: int, synthetic: bool) -> str:
-    data = "SYNTHETIC CSS stand-in" if synthetic else "real data"
-    test = "  ".join(f"{k} {v:.2f}" for k, v in result["test"].items() if k.startswith("R@"))
+    data = "SYNTHETIC stand-in" if synthetic else "real data"
+    test = "  ".join(
+        f"{k} {v:.2f}" for k, v in result["test"].items() if k != "M" and not k.startswith("sec")
+    )
     return (
         f"test results at iteration {iteration} ({data}): {test}  "
         f"M_t {result['test']['M']:.2f} | train M_s {result['train']['M']:.2f} | "

@@ -1123,10 +1123,13 @@ DATASETS = {
 
 def describe(dataset: BaseDataset) -> str:
     kind = "SYNTHETIC stand-in" if dataset.synthetic else "real data"
-    return (
-        f"{type(dataset).__name__}[{dataset.split}] ({kind}) at {dataset.path}: "
-        f"{len(dataset.imgs)} images, {len(dataset.test_queries)} queries"
-    )
+    if hasattr(dataset, "test_queries"):
+        size = f"{len(dataset.imgs)} images, {len(dataset.test_queries)} queries"
+    elif hasattr(dataset, "captions"):  # precomputed region features
+        size = f"{dataset.n_images} images, {len(dataset.captions)} captions"
+    else:
+        size = f"{len(dataset)} images"
+    return f"{type(dataset).__name__}[{dataset.split}] ({kind}) at {dataset.path}: {size}"
 
 
 # ============================================================================================

@@ -134,15 +134,20 @@ def _synthetic_size(args):
     return size if size in datasets.PRECOMP_SYNTHETIC_SIZES else int(size)
 
 
+def resolve_dataset_path(args) -> str:
+    """--dataset_path, or the synthetic stand-in (generated on first use)."""
+    if args.dataset_path is not None:
+        return args.dataset_path
+    return datasets.precomp_synthetic_dir(
+        getattr(args, "data_dir", "./data"), args.dataset, args.seed, _synthetic_size(args)
+    )
+
+
 def build_datasets(args):
     """(train, test) PrecompDatasets of args.dataset; without --dataset_path the synthetic
     stand-in, generated under <data_dir>/<name>_synthetic_seed<seed>/ on first use."""
     name = args.dataset
-    path = args.dataset_path
-    if path is None:
-        path = datasets.precomp_synthetic_dir(
-            getattr(args, "data_dir", "./data"), name, args.seed, _synthetic_size(args)
-        )
+    path = resolve_dataset_path(args)
     split = datasets.PRECOMP_TEST_SPLIT[name] if args.eval_split == "test" else "dev"
     loaded = datasets.load_precomp(
         name, path, [split], seed=args.seed, vocab_min_count=args.vocab_min_count

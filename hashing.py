@@ -34,6 +34,9 @@ from img_text_composition_models import PretrainedWeightsMissing, resnet18_backb
 from torch_function import normalize_images
 
 HASH_BITS = (16, 32, 48, 64)
+DATASET_NAMES = ("cub200", "stanford_dogs", "image_folder", "hashing_synthetic")
+MODEL_NAMES = ("hash",)
+LOSS_NAMES = ("batch_all_triplet",)
 #: Seed of the fixed sample of training images that measures M_s (main.py's constant for CIR).
 TRAIN_EVAL_SEED = 10_000_019
 #: The seed's AdamInverseSqrtWithWarmup starts its warm-up at this learning rate.
@@ -46,6 +49,8 @@ WARMUP_INIT_LR = 1e-7
 # low end of the seed's "best model at 1000-4000 epochs"). Its 2021 commit wrote lr=0.0001 in
 # the same --optimizer string but no longer used that optimizer (AdamW 1e-4, linear schedule).
 DEFAULTS: dict[str, object] = {
+    "model": "hash",
+    "loss": "batch_all_triplet",
     "learning_rate": 1e-3,
     "batch_size": 100,
     "weight_decay": 0.0,

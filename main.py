@@ -33,7 +33,9 @@ from tqdm import tqdm
 import checkpoints
 import datasets
 import distributed
+import esa
 import gradient_augmentation as ga
+import hashing
 import img_text_composition_models
 import test_retrieval
 import text_model
@@ -50,6 +52,24 @@ LOSSES = {
 }
 LOSS_TERM = {"batch_based_classification": "ce", "soft_triplet": "triplet"}
 RunError = checkpoints.RunError
+# The other retrieval tasks, by --dataset: each flat module offers add_arguments, DEFAULTS,
+# build_datasets, build_model, build_optimizer, forward and evaluate (composed image retrieval,
+# the datasets of ``datasets.DATASETS``, is built by this module).
+TASKS = {
+    **{name: hashing for name in hashing.DATASET_NAMES},
+    **{name: esa for name in esa.DATASET_NAMES},
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag shows its default once: argparse's ArgumentDefaultsHelpFormatter skips flags
+    without help text and repeats a default the text already states."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def str2bool(value) -> bool:
@@ -72,10 +92,17 @@ def add_bool(parser, name, default, help_text):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Train/evaluate composed image retrieval models (TIRG, GA).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="css3d", choices=sorted(datasets.DATASETS))
+    g.add_argument(
+        "--dataset",
+        default="css3d",
+        choices=sorted([*datasets.DATASETS, *TASKS]),
+        help="composed image retrieval: css3d, mitstates, fashion200k, fashioniq; image-text "
+        "matching: f30k_precomp, coco_precomp; learning to hash: cub200, stanford_dogs, "
+        "image_folder, hashing_synthetic",
+    )
     g.add_argument(
         "--dataset_path",
         default=None,
@@ -126,12 +153,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fashioniq: train and evaluate on one category, or on all three (ComposeAE's flag)",
     )
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tirg", choices=sorted(img_text_composition_models.MODELS))
-    g.add_argument("--image_embed_dim", type=int, default=512)
+    g.add_argument(
+        "--model",
+        default="tirg",
+        choices=sorted([*img_text_composition_models.MODELS, *esa.MODEL_NAMES, "hash"]),
+        help="composition model (esa for image-text matching; hash, the default there, for "
+        "learning to hash)",
+    )
+    g.add_argument(
+        "--image_embed_dim", type=int, default=512, help="image and composed feature size"
+    )
     g.add_argument(
         "--text_encoder",
         default=None,
-        choices=sorted(text_model.TEXT_ENCODERS),
+        choices=sorted([*text_model.TEXT_ENCODERS, "gru"]),
         help="lstm: TIRG's LSTM, trained with the model; hf: a frozen transformer run in-process "
         "(--text_model); bert_service: a bert-as-service server (--bert_host, --bert_port). "
         "None: hf with --use_bert, lstm otherwise",
@@ -171,17 +206,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         "start the ResNet-18 from ImageNet weights (default: off for css3d, on otherwise)",
     )
     g = p.add_argument_group("optimization")
-    g.add_argument("--loss", default="batch_based_classification", choices=sorted(LOSSES))
-    g.add_argument("--learning_rate", type=float, default=1e-2)
+    g.add_argument(
+        "--loss",
+        default="batch_based_classification",
+        choices=sorted([*LOSSES, *esa.LOSS_NAMES, "batch_all_triplet"]),
+        help="L_CE over the batch or TIRG's soft triplet loss; esa: the self-expanding loss or "
+        "VSE++'s; hashing: the batch-all triplet loss",
+    )
+    g.add_argument(
+        "--learning_rate", type=float, default=1e-2, help="SGD's learning rate (the task's own)"
+    )
     g.add_argument(
         "--learning_rate_decay_frequency",
         type=int,
         default=9999999,
         help="multiply the learning rate by 0.1 every this many iterations",
     )
-    g.add_argument("--batch_size", type=int, default=32)
-    g.add_argument("--weight_decay", type=float, default=1e-6)
-    g.add_argument("--num_iters", type=int, default=210000)
+    g.add_argument("--batch_size", type=int, default=32, help="queries per batch and process")
+    g.add_argument("--weight_decay", type=float, default=1e-6, help="the optimizer's")
+    g.add_argument(
+        "--num_iters",
+        type=int,
+        default=210000,
+        help="training iterations (TIRG's default; esa: --num_epochs decides)",
+    )
     g.add_argument(
         "--grad_clip",
         type=float,
@@ -196,9 +244,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "uses a GradScaler and runs on CUDA only (in fp32 on CPU, with a note)",
     )
     ga.add_arguments(p, add_bool)
+    hashing.add_arguments(p)
+    esa.add_arguments(p)
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--seed", type=int, default=0, help="seeds every random draw of the run")
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="auto: CUDA when torch sees a GPU",
+    )
     g.add_argument("--eval_every", type=int, default=10000, help="evaluate every N iterations")
     g.add_argument(
         "--train_eval_queries",
@@ -220,9 +275,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="run name; default <dataset>_<model>[_ga] (TIRG's default was test_notebook)",
     )
-    g.add_argument("--log_dir", default="./logs")
+    g.add_argument("--log_dir", default="./logs", help="run folders go here")
     add_bool(g, "--test_only", False, "only evaluate --model_checkpoint")
-    g.add_argument("--model_checkpoint", default=None)
+    g.add_argument("--model_checkpoint", default=None, help="the checkpoint --test_only evaluates")
     g.add_argument(
         "--resume",
         default=None,
@@ -237,17 +292,37 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also write latest.pt every N iterations (besides every evaluation), so a crash "
         "loses at most N iterations; 0: only at evaluations",
     )
+    given = given_flags(p, argv)
     args = p.parse_args(argv)
-
+    task = TASKS.get(args.dataset)
+    for name, value in getattr(task, "DEFAULTS", {}).items():
+        if name not in given:
+            setattr(args, name, value)
+    if task is esa and "num_iters" not in given:
+        args.num_iters = None  # --num_epochs of the training set: set once it is loaded
+    if task is not None and (
+        args.model not in task.MODEL_NAMES or args.loss not in task.LOSS_NAMES
+    ):
+        p.error(
+            f"--dataset {args.dataset} trains --model {'/'.join(task.MODEL_NAMES)} with --loss "
+            f"{'/'.join(task.LOSS_NAMES)}; got --model {args.model} --loss {args.loss}"
+        )
+    if task is None and (
+        args.model not in img_text_composition_models.MODELS or args.loss not in LOSSES
+    ):
+        p.error(f"--model {args.model} --loss {args.loss} is not a composed-retrieval setting")
     ga.resolve_arguments(p, args)
     if args.comment is None:
         args.comment = f"{args.dataset}_{args.model}" + ("_ga" if args.ga else "")
-    if args.pretrained is None:
-        args.pretrained = args.dataset != "css3d"
+    if args.pretrained is None:  # the synthetic stand-ins train from scratch
+        args.pretrained = args.dataset != "css3d" and (task is None or bool(args.dataset_path))
     if args.test_only and not args.model_checkpoint:
         p.error("--test_only needs --model_checkpoint")
-    if args.batch_size < 1 or args.num_iters < 0 or args.eval_every < 1:
-        p.error("--batch_size and --eval_every must be positive and --num_iters >= 0")
+    if args.batch_size < 2 or args.eval_every < 1:
+        p.error("--batch_size must be >= 2 (batch norm and the batch losses need two) and "
+                "--eval_every >= 1")  # fmt: skip
+    if args.num_iters is not None and args.num_iters < 1:
+        p.error("--num_iters must be >= 1 (to evaluate a checkpoint: --test_only)")
     if args.checkpoint_every < 0:
         p.error("--checkpoint_every must be >= 0 (0: checkpoints at evaluations only)")
     if args.resume and args.test_only:
@@ -259,15 +334,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             "--use_complete_text_query has no meaning for css3d: CSS has only "
             "modification texts, no target descriptions"
         )
-    if args.image_size < 32 or args.loader_num_workers < 0:
+    if (args.image_size is not None and args.image_size < 32) or args.loader_num_workers < 0:
         p.error("--image_size must be >= 32 and --loader_num_workers >= 0")
     if args.category_to_train != "all" and args.dataset != "fashioniq":
         p.error("--category_to_train is a fashioniq option")
-    if args.text_encoder is None:
+    if task is hashing:
+        args.text_encoder = "none"
+    elif args.text_encoder is None:
         args.text_encoder = "hf" if args.use_bert else "lstm"
     elif args.use_bert and args.text_encoder == "lstm":
         p.error("--use_bert asks for a BERT text encoder, but --text_encoder is lstm")
-    args.use_bert = args.text_encoder != "lstm"
+    args.use_bert = args.text_encoder not in ("lstm", "gru", "none")
+    photographs = (task is None and args.dataset != "css3d") or (
+        task is hashing and args.dataset_path
+    )
+    if not photographs:
+        args.image_size = None  # css3d, the precomputed features and the synthetic sets
     if args.text_model and args.text_encoder != "hf":
         p.error(
             "--text_model picks the model of --text_encoder hf; a bert-as-service server "
@@ -276,6 +358,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.bert_timeout > 0:
         p.error("--bert_timeout must be a positive number of seconds")
     return args
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The destinations of the flags ``argv`` gives explicitly (the others take defaults)."""
+    explicit = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"nargs": action.nargs} if action.nargs not in (None, 0) else {}
+            if action.nargs == 0:
+                kwargs = {"action": "store_const", "const": True}
+            explicit.add_argument(*action.option_strings, dest=action.dest,
+                                  default=argparse.SUPPRESS, **kwargs)  # fmt: skip
+    return set(vars(explicit.parse_known_args(argv)[0]))
 
 
 def seed_everything(seed: int) -> None:
@@ -327,6 +422,8 @@ def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScal
 
 
 def resolve_dataset_path(args) -> str:
+    if args.dataset in TASKS:
+        return TASKS[args.dataset].resolve_dataset_path(args)
     if args.dataset_path:
         return os.path.expanduser(args.dataset_path)
     if args.dataset != "css3d":
@@ -352,6 +449,8 @@ def build_datasets(args):
     """The train and test splits. Real photographs are resized and center-cropped to
     ``--image_size`` in the loader (uint8; ImageNet normalization happens per batch on the
     device); CSS images keep their size. FashionIQ's test split is its validation split."""
+    if args.dataset in TASKS:
+        return TASKS[args.dataset].build_datasets(args)
     path = resolve_dataset_path(args)
     cls = datasets.DATASETS[args.dataset]
     options = {}
@@ -384,6 +483,8 @@ def build_text_encoder(args, texts: list[str]) -> torch.nn.Module:
 def build_model(args, trainset, testset=None) -> torch.nn.Module:
     """The --model with the --text_encoder; a frozen text encoder is prefilled with the texts of
     ``trainset`` (and of ``testset`` when given, so evaluation encodes nothing new either)."""
+    if args.dataset in TASKS:
+        return TASKS[args.dataset].build_model(args, trainset)
     texts = list(trainset.get_all_texts())
     if testset is not None and args.text_encoder != "lstm":  # the LSTM vocabulary: train only
         texts += testset.get_all_texts()
@@ -400,25 +501,35 @@ def build_model(args, trainset, testset=None) -> torch.nn.Module:
         raise RunError(str(e)) from None
 
 
-def build_optimizer(args, model) -> torch.optim.Optimizer:
-    """SGD, momentum 0.9; the ResNet body at 0.1x the learning rate, as TIRG intended."""
+def build_optimizer(args, model):
+    """(optimizer, scheduler): SGD, momentum 0.9, the ResNet body at 0.1x the learning rate (as
+    TIRG intended), x0.1 every ``--learning_rate_decay_frequency`` iterations; the other tasks
+    bring their own. The scheduler is a LambdaLR that ``set_learning_rate`` reads."""
+    if args.dataset in TASKS:
+        return TASKS[args.dataset].build_optimizer(args, model)
     backbone = model.backbone_parameters()
     backbone_ids = {id(p) for p in backbone}
     rest = [p for p in model.parameters() if id(p) not in backbone_ids]
-    groups = [{"params": rest, "lr_scale": 1.0}, {"params": backbone, "lr_scale": 0.1}]
+    groups = [
+        {"params": rest, "lr": args.learning_rate},
+        {"params": backbone, "lr": 0.1 * args.learning_rate},
+    ]
     optimizer = torch.optim.SGD(
         groups, lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
     )
-    set_learning_rate(optimizer, args, 0)
-    return optimizer
+    decay = args.learning_rate_decay_frequency
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.1 ** (i // decay))
 
 
-def set_learning_rate(optimizer, args, iteration: int) -> float:
-    """Step decay: x0.1 every ``learning_rate_decay_frequency`` iterations."""
-    lr = args.learning_rate * 0.1 ** (iteration // args.learning_rate_decay_frequency)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
-    return lr
+def set_learning_rate(optimizer, scheduler, iteration: int) -> float:
+    """Set the scheduler's rates for ``iteration`` without stepping it: the rate is a pure
+    function of the iteration, so a resumed run needs no scheduler state. Returns the first
+    group's rate."""
+    for group, base, factor in zip(
+        optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group["lr"] = base * factor(iteration)
+    return optimizer.param_groups[0]["lr"]
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -547,7 +658,18 @@ def train_step(
 
 
 def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
-    """M_s on the fixed training sample, M_t on the test queries, and WHM (alpha 0.5)."""
+    """M_s on the fixed training sample, M_t on the test queries, and WHM (alpha 0.5).
+
+    ``train_queries``: composed retrieval's fixed training sample (the other tasks draw theirs).
+    """
+    if args.dataset in TASKS:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            result = TASKS[args.dataset].evaluate(model, trainset, testset, args, device)
+        model.train(was_training)
+        result["WHM"] = whm_lib.whm(result["train"]["M"], result["test"]["M"], alpha=0.5)
+        return result
     workers, batch = args.loader_num_workers, args.eval_batch_size
     train = test_retrieval.test_on_training_queries(
         model, trainset, train_queries, batch, device, workers
@@ -633,6 +755,7 @@ def train(
     start_iteration: int,
     best_metric: float,
     *,
+    scheduler,
     scaler=None,
     context=None,
     run_dir: str | None = None,
@@ -648,18 +771,19 @@ def train(
     """
     context = context or distributed.Context(device=device)
     module = distributed.unwrap(model)
+    forward = getattr(TASKS.get(args.dataset), "forward", cir_forward)
     run_dir = run.dir if run is not None else run_dir
     latest = os.path.join(run_dir, "latest.pt")
     if last_good is None and os.path.isfile(latest):
         last_good = latest
-    train_queries = trainset.sample_training_queries(args.train_eval_queries, seed=10_000_019)
+    train_queries = training_sample(trainset, args)
     loader = torch.utils.data.DataLoader(
         trainset,
         batch_sampler=distributed.RankBatches(
             start_iteration, args.num_iters, args.batch_size, context.rank, context.world_size
         ),
         num_workers=args.loader_num_workers,
-        collate_fn=datasets.collate_queries,
+        collate_fn=getattr(trainset, "collate_fn", datasets.collate_queries),
         worker_init_fn=datasets.worker_init,
         pin_memory=device.type == "cuda",
         persistent_workers=args.loader_num_workers > 0,
@@ -684,8 +808,8 @@ def train(
     with checkpoints.StopOnSignal() as stop, progress:
         for batch in loader:
             seed_step(args.seed, context.rank, iteration)
-            lr = set_learning_rate(optimizer, args, iteration)
-            values = train_step(model, optimizer, batch, args, device, iteration, scaler)
+            lr = set_learning_rate(optimizer, scheduler, iteration)
+            values = train_step(model, optimizer, batch, args, device, iteration, scaler, forward)
             check_finite(values, iteration, last_good)
             iteration += 1
             progress.update(1)
@@ -737,6 +861,13 @@ def train(
     return result
 
 
+def training_sample(trainset, args):
+    """Composed retrieval's fixed sample of training queries for M_s (None for other tasks)."""
+    if args.dataset in TASKS:
+        return None
+    return trainset.sample_training_queries(args.train_eval_queries, seed=10_000_019)
+
+
 def unused_parameters(model, trainset, args, device) -> list[str]:
     """Names of the trainable parameters this model's loss never reaches (DDP must be told).
 
@@ -744,8 +875,8 @@ def unused_parameters(model, trainset, args, device) -> list[str]:
     the RNG are left alone), its autograd graph walked back from the outputs. L1/L2 reach every
     parameter.
     """
-    if args.l1_weight > 0 or args.l2_weight > 0:
-        return []
+    if args.l1_weight > 0 or args.l2_weight > 0 or args.dataset in TASKS:
+        return []  # the other tasks' losses reach every parameter
     batch = datasets.collate_queries([trainset[0], trainset[1]])
     source = torch_function.normalize_images(batch["source_img_data"].to(device))
     target = torch_function.normalize_images(batch["target_img_data"].to(device))
@@ -830,8 +961,12 @@ def _run(args, context) -> dict | None:
     if is_main:
         print(datasets.describe(trainset))
         print(datasets.describe(testset))
+    if TASKS.get(args.dataset) is esa:
+        args.world_size = context.world_size  # the epoch count of its learning-rate step
+        if args.num_iters is None:
+            args.num_iters = esa.num_iters_for(args, trainset, context.world_size)
     model = build_model(args, trainset, testset).to(device)
-    optimizer = build_optimizer(args, model)
+    optimizer, scheduler = build_optimizer(args, model)
     scaler = make_grad_scaler(args.precision, device)
 
     if args.test_only:
@@ -842,12 +977,11 @@ def _run(args, context) -> dict | None:
         run = checkpoints.Run(args)
         print(f"run folder: {run.dir}")
         try:
-            train_queries = trainset.sample_training_queries(
-                args.train_eval_queries, seed=10_000_019
-            )
+            train_queries = training_sample(trainset, args)
             result = evaluate_all(model, trainset, testset, train_queries, args, device)
             checkpoints.record_evaluation(run, 0, result, trainset.synthetic)
-            visualize.log_qualitative(run, testset, result, 0)
+            if "ranked" in result:
+                visualize.log_qualitative(run, testset, result, 0)
             print(checkpoints.format_result(result, 0, trainset.synthetic))
             return result
         finally:
@@ -894,9 +1028,7 @@ def _run(args, context) -> dict | None:
     try:
         if start_iteration >= args.num_iters > 0 and is_main:
             print(f"the run already reached --num_iters {args.num_iters}: evaluating its weights")
-            train_queries = trainset.sample_training_queries(
-                args.train_eval_queries, seed=10_000_019
-            )
+            train_queries = training_sample(trainset, args)
             result = evaluate_all(model, trainset, testset, train_queries, args, device)
             print(checkpoints.format_result(result, start_iteration, trainset.synthetic))
             return result
@@ -910,13 +1042,15 @@ def _run(args, context) -> dict | None:
             run,
             start_iteration,
             best_metric,
+            scheduler=scheduler,
             scaler=scaler,
             context=context,
             run_dir=run_dir,
             last_good=checkpoint,
         )
         if is_main:
-            visualize.log_qualitative(run, testset, result, args.num_iters)  # <run>/qualitative.png
+            if result is not None and "ranked" in result:  # <run>/qualitative.png
+                visualize.log_qualitative(run, testset, result, args.num_iters)
             summary = datasets.bad_image_summary(trainset, testset)
             if summary:
                 print(summary, file=sys.stderr)

@@ -167,7 +167,7 @@ def our_step_factory(trainset, batch_size, model_name, workers, precision="fp32"
         ["--model", model_name, "--batch_size", str(batch_size), "--precision", precision]
     )
     model = main.build_model(args, trainset)
-    optimizer = main.build_optimizer(args, model)
+    optimizer = main.build_optimizer(args, model)[0]
     loader = torch.utils.data.DataLoader(
         trainset,
         batch_size=batch_size,

@@ -115,7 +115,7 @@ def run(options) -> dict:
         )
         for name in variants
     }
-    optimizer = main.build_optimizer(step_args["plain"], model)
+    optimizer = main.build_optimizer(step_args["plain"], model)[0]
     batch = make_batch(options.batch_size, options.image_size, torch.Generator().manual_seed(0))
 
     iteration = 0

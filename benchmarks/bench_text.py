@@ -133,7 +133,7 @@ def main_bench(argv=None) -> dict:
         variants = {}
         for name, a in args.items():
             model = main.build_model(a, trainset, testset).train()
-            variants[name] = (model, main.build_optimizer(a, model))
+            variants[name] = (model, main.build_optimizer(a, model)[0])
         hf_encoder = variants["hf"][0].text_model
         calls_before = hf_encoder.encode_calls
         batches = make_batches(trainset, opts.batch_size, opts.steps + 1)

@@ -434,7 +434,7 @@ def test_bad_checkpoint_exits_2_without_a_traceback(data_dir, tmp_path, capsys):
     assert "Traceback" not in err
     # a checkpoint of another --model, through the whole command
     model = main.build_model(tirg_args("--model", "concat"), datasets_for(data_dir))
-    optimizer = main.build_optimizer(tirg_args(), model)
+    optimizer = main.build_optimizer(tirg_args(), model)[0]
     state = checkpoints.checkpoint_state(
         model, optimizer, None, tirg_args("--model", "concat"), 3, 1.0
     )
@@ -496,7 +496,7 @@ def one_step_setup(data_dir, *extra, image_size=64):
     main.seed_everything(0)
     trainset, _ = main.build_datasets(args)
     model = main.build_model(args, trainset)
-    optimizer = main.build_optimizer(args, model)
+    optimizer = main.build_optimizer(args, model)[0]
     batch = datasets.collate_queries([trainset[i] for i in range(4)])
     for key in ("source_img_data", "target_img_data"):
         images = batch[key].float()

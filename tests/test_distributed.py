@@ -77,7 +77,7 @@ def run_steps(argv, rank, world_size, batch_size, context, variant="main"):
     main.seed_everything(args.seed)
     trainset, _ = main.build_datasets(args)
     model = main.build_model(args, trainset)
-    optimizer = main.build_optimizer(args, model)
+    optimizer, scheduler = main.build_optimizer(args, model)
     model.eval()
     unused = main.unused_parameters(model, trainset, args, context.device)  # as main._run wraps
     net = distributed.wrap(model, context, find_unused_parameters=bool(unused))
@@ -89,7 +89,7 @@ def run_steps(argv, rank, world_size, batch_size, context, variant="main"):
     grads, values = None, []
     for iteration, batch in enumerate(loader):
         main.seed_step(args.seed, rank, iteration)
-        main.set_learning_rate(optimizer, args, iteration)
+        main.set_learning_rate(optimizer, scheduler, iteration)
         step = main.train_step(net, optimizer, shrink(batch), args, context.device, iteration)
         values.append(main.agree_on_log(step, 0, context)[0])
         if grads is None:

@@ -408,7 +408,7 @@ def test_all_weights_zero_is_bit_identical_to_the_baseline_step(loss_name):
                    "--l2_weight", "0")  # fmt: skip
     reference = small_real_model("tirg")
     stepped = copy.deepcopy(reference)
-    optimizers = [main.build_optimizer(args, m) for m in (reference, stepped)]
+    optimizers = [main.build_optimizer(args, m)[0] for m in (reference, stepped)]
     torch.manual_seed(11)  # dropout and triplet sampling draw the same numbers
     baseline_step(reference, optimizers[0], batch, loss_name)
     torch.manual_seed(11)
@@ -444,7 +444,7 @@ def test_ga_step_runs_on_every_model(model_name, input_kind):
     model = small_real_model(model_name)
     args = ga_args("--ga", "--ga_adv_eps", "1e-3", "--ga_adv_input", input_kind,
                    "--loss", loss_name)  # fmt: skip
-    optimizer = main.build_optimizer(args, model)
+    optimizer = main.build_optimizer(args, model)[0]
     before = [p.detach().clone() for p in model.parameters()]
     values = main.train_step(model, optimizer, batch, args, torch.device("cpu"), 3)
     assert {main.LOSS_TERM[loss_name], "sim", "ga_adv", "ga_iso", "total"} <= set(values)
@@ -461,7 +461,7 @@ def test_ga_and_fgsm_step_under_bf16_autocast(input_kind):
     model = small_real_model("tirg")
     args = ga_args("--ga", "--ga_adv_eps", "1e-3", "--ga_adv_input", input_kind,
                    "--precision", "bf16", "--fgsm_eps", "0.01")  # fmt: skip
-    optimizer = main.build_optimizer(args, model)
+    optimizer = main.build_optimizer(args, model)[0]
     values = main.train_step(model, optimizer, make_batch(size=16), args, torch.device("cpu"), 0)
     assert all(torch.isfinite(v) for v in values.values()), values
     assert values["ga_adv"] > 0 and values["fgsm"] > 0
@@ -540,7 +540,7 @@ def test_ga_step_on_cuda_agrees_with_cpu(precision):
     values = {}
     for device in ("cpu", "cuda"):
         model = small_real_model("tirg").to(device).eval()
-        optimizer = main.build_optimizer(args, model)
+        optimizer = main.build_optimizer(args, model)[0]
         scaler = main.make_grad_scaler(precision, torch.device(device))
         step = main.train_step(
             model, optimizer, make_batch(size=32), args, torch.device(device), 0, scaler
