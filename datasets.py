@@ -204,18 +204,40 @@ class BaseDataset(torch.utils.data.Dataset):
         """Image ids and text of one training query: ``{source_img_id, target_img_id, mod}``."""
         raise NotImplementedError
 
+    def _finish_query(self, query: dict) -> dict:
+        query.setdefault("target_caption", self.imgs[query["target_img_id"]]["captions"][0])
+        return query
+
     def sample_query(self, index: int, seed: int | None = None) -> dict:
         """The training query at ``index`` (deterministic in ``seed`` and ``index``)."""
         seed = self.seed if seed is None else seed
         # Queries come in pairs sharing a source image (TIRG's sampling); the pair shares an rng.
         rng = random.Random(f"{seed}:{index // 2}")
-        query = self.training_query(rng, index)
-        query.setdefault("target_caption", self.imgs[query["target_img_id"]]["captions"][0])
-        return query
+        return self._finish_query(self.training_query(rng, index))
+
+    def distinct_training_query_count(self) -> int:
+        """How many distinct training queries the split has: every query ``training_query`` can
+        draw, counted once (the pool ``sample_training_queries`` draws from)."""
+        raise NotImplementedError
+
+    def distinct_training_query(self, j: int, rng: random.Random) -> dict:
+        """The j-th distinct training query, ``0 <= j < distinct_training_query_count()``;
+        ``rng`` picks its target image where several images carry the target's label."""
+        raise NotImplementedError
 
     def sample_training_queries(self, n: int, seed: int) -> list[dict]:
-        """A fixed sample of n training queries, to measure training accuracy (M_s)."""
-        return [self.sample_query(i, seed) for i in range(n)]
+        """A fixed sample of training queries, to measure training accuracy (M_s).
+
+        ``min(n, distinct_training_query_count())`` distinct queries, drawn without replacement:
+        a deterministic function of ``seed``. (TIRG drew n queries with replacement: on a small
+        set every target then sat many times in the gallery, and R@1 = R@5 = R@10.)
+        """
+        count = self.distinct_training_query_count()
+        picks = random.Random(f"{seed}:M_s sample").sample(range(count), min(max(n, 0), count))
+        return [
+            self._finish_query(self.distinct_training_query(j, random.Random(f"{seed}:{j}")))
+            for j in picks
+        ]
 
     def __getitem__(self, index: int) -> dict:
         query = self.sample_query(index)
@@ -298,12 +320,26 @@ class CSSDataset(BaseDataset):
             for mod in self.mods
             for f, t in zip(mod["from"], mod["to"])
         ]
+        self._mod_pairs = [
+            (m, k) for m, mod in enumerate(self.mods) for k in range(len(mod["from"]))
+        ]
 
         self.img_dir = os.path.join(path, "images")
         self.has_png = os.path.isdir(self.img_dir)
 
     def get_all_texts(self) -> list[str]:
         return [mod["to_str"] for mod in self.mods]
+
+    def distinct_training_query_count(self):
+        return len(self.test_queries)  # every (from, to) pair of every mod of the split
+
+    def distinct_training_query(self, j, rng):
+        m, k = self._mod_pairs[j]
+        return {
+            "source_img_id": self.mods[m]["from"][k],
+            "target_img_id": self.mods[m]["to"][k],
+            "mod": {"id": m, "str": self.mods[m]["to_str"]},
+        }
 
     def training_query(self, rng, index):
         # First of a pair: a random mod, then a random (from, to) pair of it. Second of a pair:
@@ -551,8 +587,8 @@ class ImageFileDataset(BaseDataset):
     def get_all_texts(self) -> list[str]:
         return [caption for img in self.imgs for caption in img["captions"]]
 
-    def sample_query(self, index: int, seed=None) -> dict:
-        query = super().sample_query(index, seed)
+    def _finish_query(self, query: dict) -> dict:
+        query = super()._finish_query(query)
         if self.use_complete_text_query:
             query["mod"] = {**query["mod"], "str": self.complete_text(query)}
         return query
@@ -740,6 +776,32 @@ class MITStates(ImageFileDataset):
     def extra_label_views(self) -> dict:
         """TIRG's extra MIT-States recalls: the adjective alone and the noun alone."""
         return {"adj": _first_word, "noun": _last_word}
+
+    def _query_offsets(self) -> np.ndarray:
+        """offsets[i]: how many distinct queries the images before i have (one per other
+        adjective of their noun); offsets[-1] is the total."""
+        if getattr(self, "_offsets", None) is None:
+            per_image = [len(self.noun2adjs[img["noun"]]) - 1 for img in self.imgs]
+            self._offsets = np.concatenate([[0], np.cumsum(per_image, dtype=np.int64)])
+        return self._offsets
+
+    def distinct_training_query_count(self):
+        return int(self._query_offsets()[-1])
+
+    def distinct_training_query(self, j, rng):
+        # (source image, another adjective of its noun); the target is an image of that caption.
+        offsets = self._query_offsets()
+        source = int(np.searchsorted(offsets, j, side="right")) - 1
+        img = self.imgs[source]
+        others = [a for a in self.noun2adjs[img["noun"]] if a != img["adj"]]
+        adj = others[j - int(offsets[source])]
+        return {
+            "source_img_id": source,
+            "target_img_id": rng.choice(self.caption2imgids[f"{adj} {img['noun']}"]),
+            "source_caption": img["captions"][0],
+            "noun": img["noun"],
+            "mod": {"str": adj},
+        }
 
     def training_query(self, rng, index):
         # The loader shuffles in TIRG, so the source is a uniformly drawn image. Both queries of a
@@ -945,6 +1007,42 @@ class Fashion200k(ImageFileDataset):
     def image_path(self, idx):
         return os.path.join(self.path, self.imgs[idx]["file_path"])
 
+    def _caption_queries(self, caption: str) -> list[tuple[str, str, str]]:
+        """The distinct queries from a source of ``caption``: (its word, target caption, the
+        target's word), every child of every parent whose added word differs."""
+        options = (
+            (word, target_caption, target_word)
+            for parent, word in self.caption_parents[caption]
+            for target_caption, target_word in self.parent2children[parent]
+            if target_word != word
+        )
+        return list(dict.fromkeys(options))
+
+    def _query_offsets(self) -> np.ndarray:
+        """offsets[i]: how many distinct queries the modifiable images before the i-th have."""
+        if getattr(self, "_offsets", None) is None:
+            counts = {c: len(self._caption_queries(c)) for c in self.caption_parents}
+            per_image = [counts[self.imgs[i]["captions"][0]] for i in self.modifiable_ids]
+            self._offsets = np.concatenate([[0], np.cumsum(per_image, dtype=np.int64)])
+        return self._offsets
+
+    def distinct_training_query_count(self):
+        return int(self._query_offsets()[-1])
+
+    def distinct_training_query(self, j, rng):
+        # (modifiable source image, target caption, text); the target is an image of the caption.
+        offsets = self._query_offsets()
+        k = int(np.searchsorted(offsets, j, side="right")) - 1
+        source = self.modifiable_ids[k]
+        caption = self.imgs[source]["captions"][0]
+        word, target_caption, target_word = self._caption_queries(caption)[j - int(offsets[k])]
+        return {
+            "source_img_id": source,
+            "target_img_id": rng.choice(self.caption2imgids[target_caption]),
+            "source_caption": caption,
+            "mod": {"str": f"replace {word} with {target_word}"},
+        }
+
     def training_query(self, rng, index):
         # TIRG drew a (shuffled) image, moved to a random one until it was modifiable: a uniform
         # modifiable image. Then, as TIRG, a random parent of its caption and a random child of
@@ -1089,9 +1187,17 @@ class FashionIQ(ImageFileDataset):
     def get_all_texts(self):
         return [t["mod"]["str"] for t in self.triplets]
 
+    def distinct_training_query_count(self):
+        return len(self.triplets)
+
+    def distinct_training_query(self, j, rng):
+        return self._triplet_query(self.triplets[j])
+
     def training_query(self, rng, index):
         rng = _independent_rng(rng, index)  # the triplets are independent (shuffled in ComposeAE)
-        t = rng.choice(self.triplets)
+        return self._triplet_query(rng.choice(self.triplets))
+
+    def _triplet_query(self, t: dict) -> dict:
         return {
             "source_img_id": t["source_img_id"],
             "target_img_id": t["target_img_id"],

@@ -161,3 +161,27 @@ def test_loads_files_written_by_numpy_save(tmp_path):
         tmp_path / datasets.CSS_NPY, {"train": css_split(), "test": css_split()}, allow_pickle=True
     )
     assert len(datasets.CSSDataset(str(tmp_path), "test").get_test_queries()) == 4
+
+
+def query_key(q):
+    return (q["source_img_id"], q["target_img_id"], q["mod"]["str"])
+
+
+def test_training_sample_is_distinct_queries_without_replacement(css_dir):
+    ds = datasets.CSSDataset(str(css_dir), "train")
+    every = {query_key(q) for q in ds.get_test_queries()}  # the split's 4 (from, to) pairs
+    for n in (10_000, 1, 3, 4):
+        sample = ds.sample_training_queries(n, seed=10_000_019)
+        keys = [query_key(q) for q in sample]
+        assert len(keys) == len(set(keys)) == min(n, 4)  # no query twice
+        assert set(keys) <= every
+        assert sample == ds.sample_training_queries(n, seed=10_000_019)  # a function of the seed
+        assert all(
+            q["target_caption"] == ds.imgs[q["target_img_id"]]["captions"][0] for q in sample
+        )
+    orders = {tuple(map(query_key, ds.sample_training_queries(2, seed))) for seed in range(20)}
+    assert len(orders) > 1  # the seed picks which queries
+    assert ds.sample_training_queries(0, seed=1) == []
+    assert ds.distinct_training_query_count() == len(every) == 4
+    # the pool is what training draws from: every query sample_query can give, once
+    assert {query_key(ds.sample_query(i)) for i in range(400)} == every
