@@ -517,10 +517,14 @@ def _heldout_indices(heldout_pairs):
 
 
 def _write_atomic(path, write):
-    """Call write(file) on a temporary file beside path, then rename it over path."""
+    """Call write(file) on a temporary file beside path, then rename it over path. The file gets
+    the mode open() would give it (0o666 less the umask), not mkstemp's private 0o600."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path), suffix=".tmp")
     try:
+        umask = os.umask(0)  # reading the umask means setting it: put it straight back
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

@@ -205,18 +205,40 @@ class BaseDataset(torch.utils.data.Dataset):
         """Image ids and text of one training query: ``{source_img_id, target_img_id, mod}``."""
         raise NotImplementedError
 
+    def _finish_query(self, query: dict) -> dict:
+        query.setdefault("target_caption", self.imgs[query["target_img_id"]]["captions"][0])
+        return query
+
     def sample_query(self, index: int, seed: int | None = None) -> dict:
         """The training query at ``index`` (deterministic in ``seed`` and ``index``)."""
         seed = self.seed if seed is None else seed
         # Queries come in pairs sharing a source image (TIRG's sampling); the pair shares an rng.
         rng = random.Random(f"{seed}:{index // 2}")
-        query = self.training_query(rng, index)
-        query.setdefault("target_caption", self.imgs[query["target_img_id"]]["captions"][0])
-        return query
+        return self._finish_query(self.training_query(rng, index))
+
+    def distinct_training_query_count(self) -> int:
+        """How many distinct training queries the split has: every query ``training_query`` can
+        draw, counted once (the pool ``sample_training_queries`` draws from)."""
+        raise NotImplementedError
+
+    def distinct_training_query(self, j: int, rng: random.Random) -> dict:
+        """The j-th distinct training query, ``0 <= j < distinct_training_query_count()``;
+        ``rng`` picks its target image where several images carry the target's label."""
+        raise NotImplementedError
 
     def sample_training_queries(self, n: int, seed: int) -> list[dict]:
-        """A fixed sample of n training queries, to measure training accuracy (M_s)."""
-        return [self.sample_query(i, seed) for i in range(n)]
+        """A fixed sample of training queries, to measure training accuracy (M_s).
+
+        ``min(n, distinct_training_query_count())`` distinct queries, drawn without replacement:
+        a deterministic function of ``seed``. (TIRG drew n queries with replacement: on a small
+        set every target then sat many times in the gallery, and R@1 = R@5 = R@10.)
+        """
+        count = self.distinct_training_query_count()
+        picks = random.Random(f"{seed}:M_s sample").sample(range(count), min(max(n, 0), count))
+        return [
+            self._finish_query(self.distinct_training_query(j, random.Random(f"{seed}:{j}")))
+            for j in picks
+        ]
 
     def __getitem__(self, index: int) -> dict:
         query = self.sample_query(index)
@@ -228,20 +250,197 @@ class BaseDataset(torch.utils.data.Dataset):
         return len(self.imgs)
 
 
+# --------------------------------------------------------------------------- image files
+
+IMAGE_SIZE = 224
+# Refuse images above PIL's own warning threshold (about 9459 x 9459) before decoding them: the
+# datasets' photographs are far smaller, so anything larger is a broken or hostile file.
+MAX_IMAGE_PIXELS = 89_478_485
+BAD_IMAGE_POLICIES = ("skip", "fail")
+MAX_QUERY_ATTEMPTS = 100
+_PLACEHOLDER_RGB = (124, 116, 104)  # the ImageNet mean: normalizes to about zero
+
+
+class BadImageError(DatasetFormatError):
+    """An image that cannot be used: missing, undecodable, truncated, or too large to decode."""
+
+
+class BadImageWarning(UserWarning):
+    """An unusable image was skipped (``on_bad_image='skip'``)."""
+
+
+def load_rgb_image(
+    path: str, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None
+) -> PIL.Image.Image:
+    """Decode ``path`` fully into an RGB image, or raise ``BadImageError`` naming the file.
+
+    The size in the header is checked before any pixel is decoded (an image bomb is refused), and
+    a truncated file is an error rather than a half-grey image. With ``draft_size`` a JPEG is
+    decoded at the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still >= draft_size
+    (DCT-domain downscaling: several times faster for photographs larger than needed).
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and above twice the limit, raises) on huge images; both are refusals.
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImageError(
+                        f"{path}: refusing a {width}x{height} image ({width * height} pixels, "
+                        f"limit {max_pixels}) before decoding it: a decompression bomb or a "
+                        f"broken header"
+                    )
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))
+                return img.convert("RGB")  # decodes every pixel, so truncation shows here
+    except BadImageError:
+        raise
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: image file missing") from None
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+        raise BadImageError(f"{path}: refusing a decompression bomb ({e})") from None
+    except Exception as e:  # PIL signals broken files with OSError, SyntaxError, ValueError, ...
+        raise BadImageError(
+            f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is truncated, "
+            f"corrupt or not an image"
+        ) from None
+
+
+class BadImagePolicy:
+    """Image reading shared by the datasets whose images are files (a mixin of BaseDataset).
+
+    - Images are decoded by ``load_rgb_image``: the size in the header is checked before
+      decoding (bombs refused) and truncation is detected.
+    - ``on_bad_image='skip'``: an unusable image is skipped with a ``BadImageWarning`` and
+      flagged. A training query touching it is replaced by another query drawn deterministically
+      from (seed, index, attempt), so runs stay reproducible; at evaluation (``get_img``) it is
+      replaced by a mean-grey image so the gallery keeps its size. ``'fail'`` raises
+      ``BadImageError`` naming the file.
+    - The flags live in a shared-memory tensor, so images found bad in DataLoader workers are
+      counted in the main process: ``bad_image_count()`` and ``bad_image_paths()``.
+
+    A subclass calls ``_init_bad_images`` once ``imgs`` is filled and implements
+    ``image_path(idx)``.
+    """
+
+    def _init_bad_images(self, on_bad_image: str, max_image_pixels: int) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(
+                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+            )
+        self.on_bad_image = on_bad_image
+        self.max_image_pixels = max_image_pixels
+        # One flag per image, in shared memory: DataLoader workers (forked or spawned) mark the
+        # images they found unusable where the main process can count them. Writes are
+        # idempotent (0 -> 1), so workers need no lock.
+        self._bad = torch.zeros(len(self.imgs), dtype=torch.uint8).share_memory_()
+
+    def image_path(self, idx: int) -> str:
+        raise NotImplementedError
+
+    def _read_image(self, idx: int, draft_size: int | None = None) -> PIL.Image.Image:
+        """The decoded image, or BadImageError naming its file."""
+        return load_rgb_image(self.image_path(idx), self.max_image_pixels, draft_size)
+
+    def _load_img(self, idx: int) -> PIL.Image.Image:
+        return self._read_image(idx)
+
+    def placeholder_size(self) -> tuple[int, int]:
+        """(width, height) of the grey image that stands in for a skipped one at evaluation."""
+        size = getattr(self.transform, "size", IMAGE_SIZE)
+        return size, size
+
+    def _decode(self, idx: int, raw_img: bool = False):
+        """The image (transformed unless raw), or None when it is unusable and skipped."""
+        if self._bad[idx]:
+            return None
+        draft = None
+        if not raw_img and self.transform is not None:
+            draft = getattr(self.transform, "draft_size", None)
+        try:
+            img = self._read_image(idx, draft)
+        except BadImageError as e:
+            if self.on_bad_image == "fail":
+                raise
+            self._bad[idx] = 1
+            warnings.warn(
+                f"skipping an unusable image: {e} (--on_bad_image fail stops instead)",
+                BadImageWarning,
+                stacklevel=3,
+            )
+            return None
+        if raw_img or self.transform is None:
+            return img
+        return self.transform(img)
+
+    def get_img(self, idx: int, raw_img: bool = False):
+        idx = int(idx)
+        img = self._decode(idx, raw_img)
+        if img is not None:
+            return img
+        placeholder = PIL.Image.new("RGB", self.placeholder_size(), _PLACEHOLDER_RGB)
+        if raw_img or self.transform is None:
+            return placeholder
+        return self.transform(placeholder)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(MAX_QUERY_ATTEMPTS):
+            seed = self.seed if attempt == 0 else f"{self.seed}/retry{attempt}"
+            query = self.sample_query(index, seed)
+            source = self._decode(query["source_img_id"])
+            if source is None:
+                continue
+            target = self._decode(query["target_img_id"])
+            if target is None:
+                continue
+            query["source_img_data"], query["target_img_data"] = source, target
+            return query
+        raise BadImageError(
+            f"{self.path}: {MAX_QUERY_ATTEMPTS} training queries drawn for index {index} all "
+            f"touched unusable images ({self.bad_image_count()} found so far); the image files "
+            f"look broken on a large scale"
+        )
+
+    def bad_image_count(self) -> int:
+        """How many distinct images were found unusable and skipped, in every process."""
+        return int(self._bad.sum())
+
+    def bad_image_paths(self) -> list[str]:
+        return [self.image_path(i) for i in torch.nonzero(self._bad).flatten().tolist()]
+
+
 # --------------------------------------------------------------------------- CSS
 
 
-class CSSDataset(BaseDataset):
+class CSSDataset(BadImagePolicy, BaseDataset):
     """CSS (Vo et al.): scenes of coloured shapes, one modification text per query.
 
     Reads ``<path>/css_toy_dataset_novel2_small.dup.npy``. Images come from
     ``<path>/images/css_<split>_<idx:06d>.png`` (the 3D version) when that folder exists, and are
     otherwise drawn in 2D from the object lists, as TIRG does. A hit is any image with the
     target's label (duplicate scenes share a label).
+
+    The PNGs are read under ``BadImagePolicy``: an undecodable, truncated or oversized image is
+    skipped and counted (``on_bad_image='skip'``; a grey image of the split's image size at
+    evaluation) or is a ``BadImageError`` naming the file (``'fail'``). A missing PNG is always an
+    error: with an images/ folder, every image of the split is expected there.
     """
 
-    def __init__(self, path: str, split: str = "train", transform=None):
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        transform=None,
+        *,
+        on_bad_image: str = "skip",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+    ):
         super().__init__(path, split, transform)
+        if on_bad_image not in BAD_IMAGE_POLICIES:  # before any file is read
+            raise ValueError(
+                f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
+            )
         npy = os.path.join(path, CSS_NPY)
         if not os.path.isfile(npy):
             raise FileNotFoundError(
@@ -299,12 +498,28 @@ class CSSDataset(BaseDataset):
             for mod in self.mods
             for f, t in zip(mod["from"], mod["to"])
         ]
+        self._mod_pairs = [
+            (m, k) for m, mod in enumerate(self.mods) for k in range(len(mod["from"]))
+        ]
 
         self.img_dir = os.path.join(path, "images")
         self.has_png = os.path.isdir(self.img_dir)
+        self._placeholder_size = None
+        self._init_bad_images(on_bad_image, max_image_pixels)
 
     def get_all_texts(self) -> list[str]:
         return [mod["to_str"] for mod in self.mods]
+
+    def distinct_training_query_count(self):
+        return len(self.test_queries)  # every (from, to) pair of every mod of the split
+
+    def distinct_training_query(self, j, rng):
+        m, k = self._mod_pairs[j]
+        return {
+            "source_img_id": self.mods[m]["from"][k],
+            "target_img_id": self.mods[m]["to"][k],
+            "mod": {"id": m, "str": self.mods[m]["to_str"]},
+        }
 
     def training_query(self, rng, index):
         # First of a pair: a random mod, then a random (from, to) pair of it. Second of a pair:
@@ -323,75 +538,40 @@ class CSSDataset(BaseDataset):
             "mod": {"id": m, "str": self.mods[m]["to_str"]},
         }
 
-    def _load_img(self, idx):
-        if self.has_png:
-            file = os.path.join(self.img_dir, f"css_{self.split}_{idx:06d}.png")
-            try:
-                with PIL.Image.open(file) as img:
-                    return img.convert("RGB")
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"CSS image missing: {file} (the images/ folder exists, "
-                    f"so every image of the split is expected there)"
-                ) from None
-        return PIL.Image.fromarray(render_2d(self.imgs[idx]["objects"]))
+    def image_path(self, idx):
+        return os.path.join(self.img_dir, f"css_{self.split}_{idx:06d}.png")
+
+    def _read_image(self, idx, draft_size=None):
+        if not self.has_png:
+            return PIL.Image.fromarray(render_2d(self.imgs[idx]["objects"]))
+        file = self.image_path(idx)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"CSS image missing: {file} (the images/ folder exists, "
+                f"so every image of the split is expected there)"
+            )
+        return load_rgb_image(file, self.max_image_pixels)
+
+    def placeholder_size(self):
+        """The size of the split's images: that of the first PNG whose header reads (the 2D
+        render's 64x64 without PNGs), so a grey stand-in batches with the others."""
+        if self._placeholder_size is None:
+            self._placeholder_size = (64, 64)
+            for idx in range(len(self.imgs) if self.has_png else 0):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                        with PIL.Image.open(self.image_path(idx)) as img:  # the header only
+                            width, height = img.size
+                except Exception:  # a broken file: try the next one
+                    continue
+                if width * height <= self.max_image_pixels:
+                    self._placeholder_size = (width, height)
+                    break
+        return self._placeholder_size
 
 
 # --------------------------------------------------------------------------- real photographs
-
-IMAGE_SIZE = 224
-# Refuse images above PIL's own warning threshold (about 9459 x 9459) before decoding them: the
-# datasets' photographs are far smaller, so anything larger is a broken or hostile file.
-MAX_IMAGE_PIXELS = 89_478_485
-BAD_IMAGE_POLICIES = ("skip", "fail")
-MAX_QUERY_ATTEMPTS = 100
-_PLACEHOLDER_RGB = (124, 116, 104)  # the ImageNet mean: normalizes to about zero
-
-
-class BadImageError(DatasetFormatError):
-    """An image that cannot be used: missing, undecodable, truncated, or too large to decode."""
-
-
-class BadImageWarning(UserWarning):
-    """An unusable image was skipped (``on_bad_image='skip'``)."""
-
-
-def load_rgb_image(
-    path: str, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None
-) -> PIL.Image.Image:
-    """Decode ``path`` fully into an RGB image, or raise ``BadImageError`` naming the file.
-
-    The size in the header is checked before any pixel is decoded (an image bomb is refused), and
-    a truncated file is an error rather than a half-grey image. With ``draft_size`` a JPEG is
-    decoded at the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still >= draft_size
-    (DCT-domain downscaling: several times faster for photographs larger than needed).
-    """
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (and above twice the limit, raises) on huge images; both are refusals.
-            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise BadImageError(
-                        f"{path}: refusing a {width}x{height} image ({width * height} pixels, "
-                        f"limit {max_pixels}) before decoding it: a decompression bomb or a "
-                        f"broken header"
-                    )
-                if draft_size and img.format == "JPEG":
-                    img.draft("RGB", (draft_size, draft_size))
-                return img.convert("RGB")  # decodes every pixel, so truncation shows here
-    except BadImageError:
-        raise
-    except FileNotFoundError:
-        raise BadImageError(f"{path}: image file missing") from None
-    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
-        raise BadImageError(f"{path}: refusing a decompression bomb ({e})") from None
-    except Exception as e:  # PIL signals broken files with OSError, SyntaxError, ValueError, ...
-        raise BadImageError(
-            f"{path}: cannot decode image ({type(e).__name__}: {e}); the file is truncated, "
-            f"corrupt or not an image"
-        ) from None
 
 
 class ResizeCenterCrop:
@@ -481,18 +661,12 @@ def _last_word(label: str) -> str:
     return label.rsplit(" ", 1)[-1]
 
 
-class ImageFileDataset(BaseDataset):
+class ImageFileDataset(BadImagePolicy, BaseDataset):
     """Shared by the datasets of photographs on disk.
 
-    - Images are decoded by ``load_rgb_image`` (bombs refused, truncation detected) and, when the
-      transform has a ``draft_size``, JPEGs are decoded at a reduced scale.
-    - ``on_bad_image='skip'``: an unusable image is skipped with a ``BadImageWarning`` and
-      flagged. A training query touching it is replaced by another query drawn deterministically
-      from (seed, index, attempt), so runs stay reproducible; at evaluation (``get_img``) it is
-      replaced by a mean-grey image so the gallery keeps its size. ``'fail'`` raises
-      ``BadImageError`` naming the file.
-    - The flags live in a shared-memory tensor, so images found bad in DataLoader workers are
-      counted in the main process: ``bad_image_count()`` and ``bad_image_paths()``.
+    - Images are read under ``BadImagePolicy`` (``on_bad_image``: skip and count, or fail naming
+      the file) and, when the transform has a ``draft_size``, JPEGs are decoded at a reduced
+      scale.
     - ``use_complete_text_query``: the text of every query is the complete target description
       (``complete_text``) instead of the modification text.
 
@@ -518,12 +692,10 @@ class ImageFileDataset(BaseDataset):
             raise ValueError(
                 f"{type(self).__name__}: split must be one of {self.SPLITS}, got {split!r}"
             )
-        if on_bad_image not in BAD_IMAGE_POLICIES:
+        if on_bad_image not in BAD_IMAGE_POLICIES:  # before any file is read
             raise ValueError(
                 f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}"
             )
-        self.on_bad_image = on_bad_image
-        self.max_image_pixels = max_image_pixels
         self.use_complete_text_query = use_complete_text_query
         if not os.path.isdir(path):
             raise FileNotFoundError(
@@ -534,15 +706,9 @@ class ImageFileDataset(BaseDataset):
         if use_complete_text_query:
             for query in self.test_queries:
                 query["mod"] = {**query["mod"], "str": self.complete_text(query)}
-        # One flag per image, in shared memory: DataLoader workers (forked or spawned) mark the
-        # images they found unusable where the main process can count them. Writes are
-        # idempotent (0 -> 1), so workers need no lock.
-        self._bad = torch.zeros(len(self.imgs), dtype=torch.uint8).share_memory_()
+        self._init_bad_images(on_bad_image, max_image_pixels)
 
     def _build(self) -> None:
-        raise NotImplementedError
-
-    def image_path(self, idx: int) -> str:
         raise NotImplementedError
 
     def complete_text(self, query: dict) -> str:
@@ -552,75 +718,11 @@ class ImageFileDataset(BaseDataset):
     def get_all_texts(self) -> list[str]:
         return [caption for img in self.imgs for caption in img["captions"]]
 
-    def sample_query(self, index: int, seed=None) -> dict:
-        query = super().sample_query(index, seed)
+    def _finish_query(self, query: dict) -> dict:
+        query = super()._finish_query(query)
         if self.use_complete_text_query:
             query["mod"] = {**query["mod"], "str": self.complete_text(query)}
         return query
-
-    # ----------------------------------------------------------------- images
-
-    def _load_img(self, idx: int) -> PIL.Image.Image:
-        return load_rgb_image(self.image_path(idx), self.max_image_pixels)
-
-    def _decode(self, idx: int, raw_img: bool = False):
-        """The image (transformed unless raw), or None when it is unusable and skipped."""
-        if self._bad[idx]:
-            return None
-        draft = None
-        if not raw_img and self.transform is not None:
-            draft = getattr(self.transform, "draft_size", None)
-        try:
-            img = load_rgb_image(self.image_path(idx), self.max_image_pixels, draft)
-        except BadImageError as e:
-            if self.on_bad_image == "fail":
-                raise
-            self._bad[idx] = 1
-            warnings.warn(
-                f"skipping an unusable image: {e} (--on_bad_image fail stops instead)",
-                BadImageWarning,
-                stacklevel=3,
-            )
-            return None
-        if raw_img or self.transform is None:
-            return img
-        return self.transform(img)
-
-    def get_img(self, idx: int, raw_img: bool = False):
-        idx = int(idx)
-        img = self._decode(idx, raw_img)
-        if img is not None:
-            return img
-        size = getattr(self.transform, "size", IMAGE_SIZE)
-        placeholder = PIL.Image.new("RGB", (size, size), _PLACEHOLDER_RGB)
-        if raw_img or self.transform is None:
-            return placeholder
-        return self.transform(placeholder)
-
-    def __getitem__(self, index: int) -> dict:
-        for attempt in range(MAX_QUERY_ATTEMPTS):
-            seed = self.seed if attempt == 0 else f"{self.seed}/retry{attempt}"
-            query = self.sample_query(index, seed)
-            source = self._decode(query["source_img_id"])
-            if source is None:
-                continue
-            target = self._decode(query["target_img_id"])
-            if target is None:
-                continue
-            query["source_img_data"], query["target_img_data"] = source, target
-            return query
-        raise BadImageError(
-            f"{self.path}: {MAX_QUERY_ATTEMPTS} training queries drawn for index {index} all "
-            f"touched unusable images ({self.bad_image_count()} found so far); the image files "
-            f"look broken on a large scale"
-        )
-
-    def bad_image_count(self) -> int:
-        """How many distinct images were found unusable and skipped, in every process."""
-        return int(self._bad.sum())
-
-    def bad_image_paths(self) -> list[str]:
-        return [self.image_path(i) for i in torch.nonzero(self._bad).flatten().tolist()]
 
 
 def bad_image_summary(*dataset_list) -> str | None:
@@ -741,6 +843,32 @@ class MITStates(ImageFileDataset):
     def extra_label_views(self) -> dict:
         """TIRG's extra MIT-States recalls: the adjective alone and the noun alone."""
         return {"adj": _first_word, "noun": _last_word}
+
+    def _query_offsets(self) -> np.ndarray:
+        """offsets[i]: how many distinct queries the images before i have (one per other
+        adjective of their noun); offsets[-1] is the total."""
+        if getattr(self, "_offsets", None) is None:
+            per_image = [len(self.noun2adjs[img["noun"]]) - 1 for img in self.imgs]
+            self._offsets = np.concatenate([[0], np.cumsum(per_image, dtype=np.int64)])
+        return self._offsets
+
+    def distinct_training_query_count(self):
+        return int(self._query_offsets()[-1])
+
+    def distinct_training_query(self, j, rng):
+        # (source image, another adjective of its noun); the target is an image of that caption.
+        offsets = self._query_offsets()
+        source = int(np.searchsorted(offsets, j, side="right")) - 1
+        img = self.imgs[source]
+        others = [a for a in self.noun2adjs[img["noun"]] if a != img["adj"]]
+        adj = others[j - int(offsets[source])]
+        return {
+            "source_img_id": source,
+            "target_img_id": rng.choice(self.caption2imgids[f"{adj} {img['noun']}"]),
+            "source_caption": img["captions"][0],
+            "noun": img["noun"],
+            "mod": {"str": adj},
+        }
 
     def training_query(self, rng, index):
         # The loader shuffles in TIRG, so the source is a uniformly drawn image. Both queries of a
@@ -946,6 +1074,42 @@ class Fashion200k(ImageFileDataset):
     def image_path(self, idx):
         return os.path.join(self.path, self.imgs[idx]["file_path"])
 
+    def _caption_queries(self, caption: str) -> list[tuple[str, str, str]]:
+        """The distinct queries from a source of ``caption``: (its word, target caption, the
+        target's word), every child of every parent whose added word differs."""
+        options = (
+            (word, target_caption, target_word)
+            for parent, word in self.caption_parents[caption]
+            for target_caption, target_word in self.parent2children[parent]
+            if target_word != word
+        )
+        return list(dict.fromkeys(options))
+
+    def _query_offsets(self) -> np.ndarray:
+        """offsets[i]: how many distinct queries the modifiable images before the i-th have."""
+        if getattr(self, "_offsets", None) is None:
+            counts = {c: len(self._caption_queries(c)) for c in self.caption_parents}
+            per_image = [counts[self.imgs[i]["captions"][0]] for i in self.modifiable_ids]
+            self._offsets = np.concatenate([[0], np.cumsum(per_image, dtype=np.int64)])
+        return self._offsets
+
+    def distinct_training_query_count(self):
+        return int(self._query_offsets()[-1])
+
+    def distinct_training_query(self, j, rng):
+        # (modifiable source image, target caption, text); the target is an image of the caption.
+        offsets = self._query_offsets()
+        k = int(np.searchsorted(offsets, j, side="right")) - 1
+        source = self.modifiable_ids[k]
+        caption = self.imgs[source]["captions"][0]
+        word, target_caption, target_word = self._caption_queries(caption)[j - int(offsets[k])]
+        return {
+            "source_img_id": source,
+            "target_img_id": rng.choice(self.caption2imgids[target_caption]),
+            "source_caption": caption,
+            "mod": {"str": f"replace {word} with {target_word}"},
+        }
+
     def training_query(self, rng, index):
         # TIRG drew a (shuffled) image, moved to a random one until it was modifiable: a uniform
         # modifiable image. Then, as TIRG, a random parent of its caption and a random child of
@@ -1090,9 +1254,17 @@ class FashionIQ(ImageFileDataset):
     def get_all_texts(self):
         return [t["mod"]["str"] for t in self.triplets]
 
+    def distinct_training_query_count(self):
+        return len(self.triplets)
+
+    def distinct_training_query(self, j, rng):
+        return self._triplet_query(self.triplets[j])
+
     def training_query(self, rng, index):
         rng = _independent_rng(rng, index)  # the triplets are independent (shuffled in ComposeAE)
-        t = rng.choice(self.triplets)
+        return self._triplet_query(rng.choice(self.triplets))
+
+    def _triplet_query(self, t: dict) -> dict:
         return {
             "source_img_id": t["source_img_id"],
             "target_img_id": t["target_img_id"],

@@ -27,9 +27,19 @@ Tables (rows switch the GA terms and the paper's baselines on with the values of
   visible at larger eps).
 Flags that reproduce.py does not know are passed to every run of main.py.
 
+Protocols (``--protocol``; the one used is named in every table's markdown, JSON and plot):
+- ``paper``: the GA paper's CSS protocol, the GA code's schedule: the TIRG rows are
+  ``--model tirg_lastconv`` (the GA code's ``--model tirg`` builds TIRGLastConv), batch 200,
+  4845 iterations (51 epochs of 95), evaluated every 950, lr 0.01, weight decay 1e-6. css3d only.
+- ``quick`` (default): a short CPU protocol, ``--model tirg`` (the TIRG code's model) at batch 32
+  for ``--num_iters`` iterations. Its numbers are not the paper's setting.
+A flag of the protocol given explicitly (``--batch_size 64``) wins and the table says that the
+protocol was changed.
+
 Examples:
 
     python reproduce.py --table ablation --dataset css3d --seeds 0 --num_iters 200 --dry_run
+    python reproduce.py --table ablation --protocol paper --seeds 0 1 2
     python reproduce.py --table ablation --dataset css3d --seeds 0 1 2 --num_iters 20000
     python reproduce.py --table ga_vs_fgsm --dataset css3d --seeds 0 --num_iters 200 \\
         --batch_size 32 --loader_num_workers 0
@@ -60,7 +70,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MAIN_PY = os.path.join(HERE, "main.py")
 
 # The value a row uses when it switches a term on. The GA code's values for the GA terms; the
-# paper does not state the baselines' values, so these are ours (each is a reproduce.py option).
+# paper does not state the baselines' values, so these are ours (each is a reproduce.py option;
+# the README quotes them).
 TERM_FLAGS = {
     "S": ("sim_weight", 1e-3, "L_S, similarity matching (eta)"),
     "A": ("ga_adv_eps", 1e-6, "L_GA^A, adversarial GA (eps)"),
@@ -74,6 +85,41 @@ SWEEP_DEFAULTS = {
     "sweep_gamma": ("I", [0.0, 1e-3, 1e-2, 1e-1, 1.0]),
 }
 TABLES = ("ablation", "ga_vs_fgsm", "iso_vs_l1l2", "main", "sweep_eps", "sweep_gamma")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the rows of a table are trained: the model of its TIRG rows and main.py flags."""
+
+    name: str
+    description: str
+    tirg_model: str  # the model of the ablation/baseline tables and of the TIRG rows of 'main'
+    flags: tuple[tuple[str, str], ...]  # main.py flags every run gets, unless given explicitly
+    num_iters: int | None = None  # None: --num_iters is required
+    eval_every: int | None = None  # None: evaluate at the end only
+    datasets: tuple[str, ...] | None = None  # None: any
+
+
+PROTOCOLS = {
+    "paper": Protocol(
+        "paper",
+        "the GA paper's CSS protocol (the GA code's schedule): TIRG rows --model tirg_lastconv "
+        "(the GA code's --model tirg builds TIRGLastConv), batch 200, 4845 iterations (51 epochs "
+        "of 95), evaluated every 950, lr 0.01, weight decay 1e-6",
+        "tirg_lastconv",
+        (("batch_size", "200"), ("learning_rate", "0.01"), ("weight_decay", "1e-06")),
+        num_iters=4845,
+        eval_every=950,
+        datasets=("css3d",),
+    ),
+    "quick": Protocol(
+        "quick",
+        "quick CPU protocol: --model tirg (the TIRG code's model; the paper's CSS TIRG is "
+        "tirg_lastconv), batch 32, a short schedule. Not the paper's setting (--protocol paper)",
+        "tirg",
+        (("batch_size", "32"),),
+    ),
+}
 # Flags that the row/seed layout sets itself.
 RESERVED = ("--seed", "--log_dir", "--comment", "--resume", "--test_only", "--model_checkpoint")
 # Settings that cannot change a run's result: left out of its identity (key and reuse check).
@@ -151,7 +197,10 @@ def table_rows(table: str, dataset: str, opts) -> list[Row]:
     if table == "main":
         rows = []
         models = [("Concatenation", "concat", False)] if dataset == "css3d" else []
-        models += [("TIRG", "tirg", False)]
+        # The paper's CSS TIRG is TIRGLastConv (the GA code's and TIRG's own CSS model).
+        models += [
+            ("TIRG", PROTOCOLS[opts.protocol].tirg_model if dataset == "css3d" else "tirg", False)
+        ]
         if dataset != "css3d":
             models += [("TIRG-BERT", "tirg", True)]
         models += [("ComposeAE", "composeAE", True)]  # ComposeAE's text encoder is BERT
@@ -177,15 +226,56 @@ def table_rows(table: str, dataset: str, opts) -> list[Row]:
     raise ValueError(f"unknown table {table!r}; choose from {TABLES}")
 
 
+def _given(extra: list[str]) -> set[str]:
+    """The main.py flag names (without --) that ``extra`` sets."""
+    return {a[2:].split("=")[0] for a in extra if a.startswith("--")}
+
+
+def protocol_flags(opts, extra: list[str]) -> list[str]:
+    """The protocol's main.py flags that ``extra`` does not set itself."""
+    given = _given(extra)
+    protocol = PROTOCOLS[opts.protocol]
+    return [x for name, value in protocol.flags if name not in given for x in (f"--{name}", value)]
+
+
+def protocol_changes(opts, extra: list[str]) -> list[str]:
+    """How this table departs from its protocol: flags given explicitly that the protocol sets."""
+    protocol = PROTOCOLS[opts.protocol]
+    changed = []
+    for i, arg in enumerate(extra):
+        name = arg[2:].split("=")[0] if arg.startswith("--") else None
+        if name in dict(protocol.flags) or name == "eval_every":
+            value = arg.split("=", 1)[1] if "=" in arg else " ".join(extra[i + 1 : i + 2])
+            changed.append(f"--{name} {value}")
+    if protocol.num_iters is not None and opts.num_iters != protocol.num_iters:
+        changed.append(f"--num_iters {opts.num_iters}")
+    if opts.model != protocol.tirg_model and opts.table != "main":
+        changed.append(f"--model {opts.model}")
+    return changed
+
+
+def protocol_label(opts, extra: list[str]) -> dict:
+    """{"name", "description", "changed"}: what the table's markdown and JSON say about it."""
+    protocol = PROTOCOLS[opts.protocol]
+    return {
+        "name": protocol.name,
+        "description": protocol.description,
+        "changed": protocol_changes(opts, extra),
+    }
+
+
 def row_argv(row: Row, opts, extra: list[str]) -> list[str]:
-    """main.py flags of a row, without seed and folders: every term flag explicitly."""
+    """main.py flags of a row, without seed and folders: every term flag explicitly, then the
+    protocol's flags that ``extra`` does not set, then ``extra``."""
+    protocol = PROTOCOLS[opts.protocol]
+    eval_every = protocol.eval_every or opts.num_iters
     argv = ["--dataset", opts.dataset, "--model", row.model]
-    argv += ["--num_iters", str(opts.num_iters), "--eval_every", str(opts.num_iters)]
+    argv += ["--num_iters", str(opts.num_iters), "--eval_every", str(eval_every)]
     for term, (flag, _, _) in TERM_FLAGS.items():
         argv += [f"--{flag}", f"{row.terms.get(term, 0.0):g}"]
     if row.use_bert:
         argv += ["--use_bert", "True"]
-    return argv + list(extra)
+    return argv + protocol_flags(opts, extra) + list(extra)
 
 
 def _parse_main_args(argv: list[str]):
@@ -484,6 +574,7 @@ def collect(runs: list[PlannedRun], opts) -> list[dict]:
             order.append(label)
             rows[label] = {
                 "label": label,
+                "protocol": opts.protocol_label,
                 "row": planned.row,
                 "argv": planned.argv[: planned.argv.index("--seed")],
                 "seeds": [],
@@ -562,8 +653,18 @@ def markdown(results: list[dict], opts) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     seeds = " ".join(str(s) for s in opts.seeds)
-    title = f"## {opts.table} on {opts.dataset}: {opts.num_iters} iterations, seeds {seeds}"
-    notes = [title, ""]
+    protocol = opts.protocol_label
+    title = (
+        f"## {opts.table} on {opts.dataset}: {protocol['name']} protocol, {opts.num_iters} "
+        f"iterations, seeds {seeds}"
+    )
+    notes = [title, "", f"Protocol: {protocol['name']}, {protocol['description']}."]
+    if protocol["changed"]:
+        notes.append(
+            f"**Changed here: {', '.join(protocol['changed'])}: not the {protocol['name']} "
+            f"protocol as defined.**"
+        )
+    notes.append("")
     if any(r["synthetic"] for r in results):
         notes += [
             "**Trained and tested on the SYNTHETIC CSS stand-in: not comparable with the "
@@ -634,7 +735,13 @@ def plot(results: list[dict], opts, path: str) -> str:
         ax.set_xticklabels([r["label"] for r in results], rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 118)  # room for the legend above 100%
     synthetic = " (SYNTHETIC CSS: not comparable)" if any(r["synthetic"] for r in results) else ""
-    ax.set_title(f"{opts.table}, {opts.dataset}, {opts.num_iters} it{synthetic}", fontsize=10)
+    protocol = opts.protocol_label
+    changed = " (changed)" if protocol["changed"] else ""
+    ax.set_title(
+        f"{opts.table}, {opts.dataset}, {protocol['name']} protocol{changed}, {opts.num_iters} it"
+        f"{synthetic}",
+        fontsize=10,
+    )
     ax.set_ylabel("recall (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", ncol=3)
@@ -659,8 +766,25 @@ def parse_args(argv=None):
         "--dataset", default="css3d", choices=sorted(whm_lib.PAPER_DATASET) + ["fashioniq"]
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--num_iters", type=int, required=True)
-    p.add_argument("--model", default="tirg", help="the model of the ablation/baseline tables")
+    p.add_argument(
+        "--protocol",
+        default="quick",
+        choices=sorted(PROTOCOLS),
+        help="paper: the GA paper's CSS protocol (tirg_lastconv, batch 200, 4845 iterations); "
+        "quick: --model tirg at batch 32 for --num_iters (not the paper's setting)",
+    )
+    p.add_argument(
+        "--num_iters",
+        type=int,
+        default=None,
+        help="iterations of every run (required by --protocol quick; paper: 4845)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the model of the ablation/baseline tables (default: the protocol's, "
+        "paper tirg_lastconv, quick tirg)",
+    )
     p.add_argument("--out", default=os.path.join("runs", "reproduce"), help="output folder")
     p.add_argument("--dry_run", action="store_true", help="print the runs, run nothing")
     p.add_argument("--in_process", action="store_true", help="run main.main here, not a process")
@@ -674,8 +798,21 @@ def parse_args(argv=None):
     reserved = [a for a in extra if a.split("=")[0] in RESERVED]
     if reserved:
         p.error(f"{reserved}: reproduce.py sets these for each run itself")
+    protocol = PROTOCOLS[opts.protocol]
+    if protocol.datasets is not None and opts.dataset not in protocol.datasets:
+        p.error(
+            f"--protocol {opts.protocol} is defined for {', '.join(protocol.datasets)} only (the "
+            f"GA code's CSS schedule); use --protocol quick and pass the schedule's flags"
+        )
+    if opts.num_iters is None:
+        if protocol.num_iters is None:
+            p.error(f"--protocol {opts.protocol} needs --num_iters")
+        opts.num_iters = protocol.num_iters
     if opts.num_iters < 1:
         p.error("--num_iters must be >= 1")
+    if opts.model is None:
+        opts.model = protocol.tirg_model
+    opts.protocol_label = protocol_label(opts, extra)
     return opts, extra
 
 
@@ -683,9 +820,12 @@ def main(argv=None) -> list[dict] | None:
     opts, extra = parse_args(argv)
     runs = plan(opts, extra)
     rows = len({r.row.label for r in runs})
+    protocol = opts.protocol_label
+    changed = f"; changed: {', '.join(protocol['changed'])}" if protocol["changed"] else ""
     print(
         f"{opts.table} on {opts.dataset}: {rows} rows x {len(opts.seeds)} seeds "
-        f"= {len(runs)} runs, {opts.num_iters} iterations each (folder: {opts.out})"
+        f"= {len(runs)} runs, {opts.num_iters} iterations each (folder: {opts.out})\n"
+        f"protocol: {protocol['name']}, {protocol['description']}{changed}"
     )
     for r in runs:
         where = f" [{r.run_dir}]" if r.run_dir else ""

@@ -1,5 +1,7 @@
 """The qualitative retrieval figure: test queries and their top-10 results, correct ones marked.
 
+A title line names the run folder and the iteration, and says "SYNTHETIC CSS stand-in" (in red)
+when the data are the synthetic stand-in; the PNG's ``Title`` text chunk holds the same line.
 Each row shows a query (its source image and modification text), the 10 most similar gallery
 images in rank order with the correct ones (the target's label) framed green and the others
 framed gray, and, after a gap, the query's target image framed blue. The figure is drawn with
@@ -22,12 +24,15 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
+import PIL.PngImagePlugin
 import torch
 
 CELL = 96  # pixels per image
 BORDER = 5
 GAP = 8
 FONT_SIZE = 13
+TITLE_FONT_SIZE = 15
+SYNTHETIC_NOTE = "SYNTHETIC CSS stand-in (not the real CSS data)"
 CORRECT = (30, 170, 40)
 WRONG = (200, 200, 200)
 TARGET = (40, 90, 220)
@@ -77,12 +82,22 @@ def _tile(img: PIL.Image.Image, frame, cell: int = CELL) -> PIL.Image.Image:
     return tile
 
 
-def render_qualitative(dataset, queries: list[dict], ranked: list[dict], cell: int = CELL):
+def title_parts(run_dir: str, iteration: int, synthetic: bool) -> list[str]:
+    """The title line in parts: the run folder's name, the iteration and, on the synthetic CSS,
+    ``SYNTHETIC_NOTE``."""
+    parts = [os.path.basename(os.path.normpath(run_dir)), f"iteration {iteration}"]
+    return parts + ([SYNTHETIC_NOTE] if synthetic else [])
+
+
+def render_qualitative(
+    dataset, queries: list[dict], ranked: list[dict], cell: int = CELL, title: list[str] = ()
+):
     """The figure as an (H, W, 3) uint8 array.
 
     queries: the test queries (``dataset.get_test_queries()``); ranked: ``[{"query_index",
-    "gallery_ids", "correct"}]`` from ``test_retrieval.evaluate``. Returns None when ranked is
-    empty.
+    "gallery_ids", "correct"}]`` from ``test_retrieval.evaluate``; title: the parts of a title
+    line (``title_parts``), joined by " | ", the synthetic note in red. Returns None when ranked
+    is empty.
     """
     if not ranked:
         return None
@@ -90,13 +105,22 @@ def render_qualitative(dataset, queries: list[dict], ranked: list[dict], cell: i
     n_results = max(len(r["gallery_ids"]) for r in ranked)
     text_height = FONT_SIZE + 8
     row_height = text_height + cell + FONT_SIZE + 12  # header, images, rank numbers
+    title_height = TITLE_FONT_SIZE + 2 * GAP if title else 0
     width = GAP + cell + 2 * GAP + n_results * cell + 3 * GAP + cell + GAP
-    figure = PIL.Image.new("RGB", (width, len(ranked) * row_height + GAP), (255, 255, 255))
+    height = title_height + len(ranked) * row_height + GAP
+    figure = PIL.Image.new("RGB", (width, height), (255, 255, 255))
     draw = PIL.ImageDraw.Draw(figure)
     chars = max(20, (width - 2 * GAP) // 7)
+    if title:
+        title_font, x = _font(TITLE_FONT_SIZE), GAP
+        for i, part in enumerate(title):
+            text = (" | " if i else "") + part
+            color = (200, 0, 0) if part == SYNTHETIC_NOTE else (0, 0, 0)
+            draw.text((x, GAP), text, fill=color, font=title_font)
+            x += draw.textlength(text, font=title_font)
     for row, entry in enumerate(ranked):
         query = queries[entry["query_index"]]
-        y = GAP + row * row_height
+        y = title_height + GAP + row * row_height
         hits = sum(entry["correct"])
         header = (
             f'query {entry["query_index"]}: "{query["mod"]["str"]}"   '
@@ -122,11 +146,15 @@ def render_qualitative(dataset, queries: list[dict], ranked: list[dict], cell: i
     return np.asarray(figure)
 
 
-def save_png(path: str, figure: np.ndarray) -> None:
-    """Write atomically (a temporary file, then rename), so a viewer never sees half a PNG."""
+def save_png(path: str, figure: np.ndarray, title: str | None = None) -> None:
+    """Write atomically (a temporary file, then rename), so a viewer never sees half a PNG;
+    ``title`` goes into the PNG's ``Title`` text chunk."""
     tmp = f"{path}.tmp.{os.getpid()}.png"
+    info = PIL.PngImagePlugin.PngInfo()
+    if title:
+        info.add_itxt("Title", title)
     try:
-        PIL.Image.fromarray(figure).save(tmp)
+        PIL.Image.fromarray(figure).save(tmp, pnginfo=info)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -135,13 +163,15 @@ def save_png(path: str, figure: np.ndarray) -> None:
 
 def log_qualitative(run, dataset, result: dict | None, iteration: int) -> str | None:
     """Draw the figure of an evaluation result (``main.evaluate_all``) into ``run.dir`` and
-    TensorBoard. Returns the PNG's path, or None when the result holds no ranked queries."""
+    TensorBoard, titled with the run folder, the iteration and, on the synthetic CSS, that it is
+    the stand-in. Returns the PNG's path, or None when the result holds no ranked queries."""
     ranked = (result or {}).get("ranked")
-    figure = render_qualitative(dataset, dataset.get_test_queries(), ranked or [])
+    title = title_parts(run.dir, iteration, bool(getattr(dataset, "synthetic", False)))
+    figure = render_qualitative(dataset, dataset.get_test_queries(), ranked or [], title=title)
     if figure is None:
         return None
     path = os.path.join(run.dir, PNG_NAME)
-    save_png(path, figure)
+    save_png(path, figure, " | ".join(title))
     run.writer.add_image(TB_TAG, figure, iteration, dataformats="HWC")
     run.writer.flush()
     return path

@@ -29,6 +29,16 @@ import sys
 PAPER_RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paper_results.csv")
 PAPER_DATASET = {"css3d": "CSS", "mitstates": "MIT-States", "fashion200k": "Fashion200k"}
 PAPER_MODEL = {"tirg": "TIRG", "composeAE": "ComposeAE", "concat": "Concatenation"}
+# The paper's CSS "TIRG" is the GA code's --model tirg, which builds TIRGLastConv (TIRG's own
+# README also trains CSS with tirg_lastconv): here --model tirg_lastconv. On MIT-States and
+# Fashion200k it is TIRG.
+PAPER_MODEL_BY_DATASET = {
+    "css3d": {"tirg_lastconv": "TIRG", "composeAE": "ComposeAE", "concat": "Concatenation"},
+}
+# Why a run's model is not the paper's, where the paper has a model of that name.
+MODEL_NOTES = {
+    ("css3d", "tirg"): "TIRG (the TIRG code's model; the paper's CSS TIRG is tirg_lastconv)",
+}
 GA_TERMS = ("sim_weight", "ga_adv_eps", "ga_iso_gamma")
 BASELINE_TERMS = ("fgsm_eps", "l1_weight", "l2_weight")
 SELECT = ("last", "best_ms")
@@ -89,12 +99,21 @@ def find_runs(paths: list[str]) -> list[str]:
             continue
         if not os.path.isdir(path):
             raise RunReadError(f"{path}: no such run folder")
+        below = os.path.join(glob.escape(path), "**")
         found = sorted(
             os.path.dirname(m)
-            for m in glob.glob(
-                os.path.join(glob.escape(path), "**", "metrics.jsonl"), recursive=True
-            )
+            for m in glob.glob(os.path.join(below, "metrics.jsonl"), recursive=True)
         )
+        # Run folders (main.py writes args.json first) that have no evaluation yet: said, not
+        # silently left out of the table.
+        for args_json in sorted(glob.glob(os.path.join(below, "args.json"), recursive=True)):
+            run_dir = os.path.dirname(args_json)
+            if run_dir not in found:
+                print(
+                    f"whm.py: skipping {run_dir}: no metrics.jsonl (the run has not been "
+                    f"evaluated yet, or it stopped before its first evaluation)",
+                    file=sys.stderr,
+                )
         if not found:
             raise RunReadError(
                 f"{path}: expected a run folder holding metrics.jsonl (as main.py writes it), "
@@ -172,11 +191,15 @@ def paper_method(args: dict) -> tuple[str | None, str | None, str]:
     """(paper dataset, paper method, description) of a run's setting; the method is None when
     the paper has no such setting (the description says why)."""
     dataset = PAPER_DATASET.get(args.get("dataset"))
-    model = PAPER_MODEL.get(args.get("model"))
+    models = PAPER_MODEL_BY_DATASET.get(args.get("dataset"), PAPER_MODEL)
+    model = models.get(args.get("model"))
     text = "BERT" if args.get("use_bert") else "LSTM"
     ga = ga_setting(args)
     describe = f"{args.get('dataset', '?')} {args.get('model', '?')} {text}"
     describe += {"GA": " +GA", "none": "", "partial": " (some GA/baseline terms)"}[ga]
+    note = MODEL_NOTES.get((args.get("dataset"), args.get("model")))
+    if note:
+        describe += f": {note}"
     if dataset is None or model is None or ga == "partial":
         return dataset, None, describe
     if model == "ComposeAE" and text != "BERT":
@@ -209,6 +232,7 @@ def summarize_runs(paths: list[str], alpha: float = 0.5, select: str = "last") -
             )
         published = paper.get((dataset, method)) if method else None
         row["paper_method"] = f"{dataset} {method}" if published else None
+        row["paper_note"] = MODEL_NOTES.get((run["args"].get("dataset"), run["args"].get("model")))
         row["paper_M_s"] = published["M_s"] if published else None
         row["paper_M_t"] = published["M_t"] if published else None
         row["paper_WHM"] = whm(published["M_s"], published["M_t"], alpha) if published else None
@@ -218,6 +242,12 @@ def summarize_runs(paths: list[str], alpha: float = 0.5, select: str = "last") -
 
 def _fmt(value, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _no_paper_setting(row: dict) -> str:
+    if row.get("paper_note"):
+        return f"— (not the paper's model: {row['paper_note']})"
+    return "— (no such setting in the paper)"
 
 
 def markdown_table(rows: list[dict], alpha: float, select: str) -> str:
@@ -237,7 +267,7 @@ def markdown_table(rows: list[dict], alpha: float, select: str) -> str:
         lines.append(
             f"| {r['name']} | {r['setting']} | {data} | {_fmt(r['iteration'], 0)} | "
             f"{_fmt(r['M_s'])} | {_fmt(r['M_t'])} | {_fmt(r['WHM'])} | "
-            f"{r['paper_method'] or '— (no such setting in the paper)'} | {_fmt(r['paper_M_s'])} | "
+            f"{r['paper_method'] or _no_paper_setting(r)} | {_fmt(r['paper_M_s'])} | "
             f"{_fmt(r['paper_M_t'])} | {_fmt(r['paper_WHM'])} |"
         )
     which = "the last evaluation" if select == "last" else "the evaluation with the best M_s"

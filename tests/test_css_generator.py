@@ -347,3 +347,17 @@ def test_cli_writes_dataset_and_preview(tmp_path, capsys):
     assert Image.open(tmp_path / "p.png").size[0] > 0
     with pytest.raises(SystemExit):
         css_generator.main(["--out", str(tmp_path), "--size", "0"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umasks_normal_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        css_generator.main(["--out", str(tmp_path / "css"), "--size", "2", "--preview",
+                            str(tmp_path / "preview.png")])  # fmt: skip
+    finally:
+        os.umask(old)
+    written = sorted(os.listdir(tmp_path / "css"))
+    assert written == sorted([css_generator.NPY_NAME, "SYNTHETIC.json"])
+    for path in [tmp_path / "css" / name for name in written] + [tmp_path / "preview.png"]:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask, path  # as open() would make it

@@ -2,6 +2,10 @@
 
 import os
 import pickle
+import re
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -161,3 +165,100 @@ def test_loads_files_written_by_numpy_save(tmp_path):
         tmp_path / datasets.CSS_NPY, {"train": css_split(), "test": css_split()}, allow_pickle=True
     )
     assert len(datasets.CSSDataset(str(tmp_path), "test").get_test_queries()) == 4
+
+
+def query_key(q):
+    return (q["source_img_id"], q["target_img_id"], q["mod"]["str"])
+
+
+def test_training_sample_is_distinct_queries_without_replacement(css_dir):
+    ds = datasets.CSSDataset(str(css_dir), "train")
+    every = {query_key(q) for q in ds.get_test_queries()}  # the split's 4 (from, to) pairs
+    for n in (10_000, 1, 3, 4):
+        sample = ds.sample_training_queries(n, seed=10_000_019)
+        keys = [query_key(q) for q in sample]
+        assert len(keys) == len(set(keys)) == min(n, 4)  # no query twice
+        assert set(keys) <= every
+        assert sample == ds.sample_training_queries(n, seed=10_000_019)  # a function of the seed
+        assert all(
+            q["target_caption"] == ds.imgs[q["target_img_id"]]["captions"][0] for q in sample
+        )
+    orders = {tuple(map(query_key, ds.sample_training_queries(2, seed))) for seed in range(20)}
+    assert len(orders) > 1  # the seed picks which queries
+    assert ds.sample_training_queries(0, seed=1) == []
+    assert ds.distinct_training_query_count() == len(every) == 4
+    # the pool is what training draws from: every query sample_query can give, once
+    assert {query_key(ds.sample_query(i)) for i in range(400)} == every
+
+
+def png_header_claiming(width, height):
+    """A PNG whose IHDR claims width x height pixels; its pixel data is never decoded."""
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture
+def css_with_bad_pngs(css_dir):
+    """The CSS fixture with 3D images (40x30 PNGs), three of each split broken: random bytes,
+    a truncated PNG, and a header claiming 20000 x 20000 pixels."""
+    os.makedirs(css_dir / "images")
+    bad = {}
+    for split in ("train", "test"):
+        for i in range(5):
+            path = css_dir / "images" / f"css_{split}_{i:06d}.png"
+            rng = np.random.default_rng(i)
+            PIL.Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+        names = [css_dir / "images" / f"css_{split}_{i:06d}.png" for i in (1, 2, 3)]
+        names[0].write_bytes(np.random.default_rng(7).bytes(300))
+        names[1].write_bytes(names[1].read_bytes()[:200])
+        names[2].write_bytes(png_header_claiming(20000, 20000))
+        bad[split] = {1: str(names[0]), 2: str(names[1]), 3: str(names[2])}
+    return css_dir, bad
+
+
+def test_bad_css_pngs_are_skipped_and_counted(css_with_bad_pngs):
+    css_dir, bad = css_with_bad_pngs
+    ds = datasets.CSSDataset(str(css_dir), "test", transform=datasets.to_uint8_tensor)
+    assert ds.get_img(0).shape == (3, 30, 40)
+    with pytest.warns(datasets.BadImageWarning) as record:
+        for idx in bad["test"]:
+            grey = ds.get_img(idx)  # a grey stand-in of the split's size: the gallery batches
+            assert grey.shape == (3, 30, 40)
+            assert grey[:, 0, 0].tolist() == [124, 116, 104] and (grey == grey[:, :1, :1]).all()
+    messages = " ".join(str(w.message) for w in record)
+    assert all(path in messages for path in bad["test"].values())
+    assert "refusing a decompression bomb" in messages
+    assert ds.bad_image_count() == 3 and sorted(ds.bad_image_paths()) == sorted(
+        bad["test"].values()
+    )
+    assert "3 in test" in datasets.bad_image_summary(ds)
+    # training queries that touch a bad image are redrawn
+    train = datasets.CSSDataset(str(css_dir), "train", transform=datasets.to_uint8_tensor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", datasets.BadImageWarning)
+        items = [train[i] for i in range(40)]
+    for item in items:
+        assert item["source_img_id"] not in bad["train"]
+        assert item["target_img_id"] not in bad["train"]
+
+
+def test_bad_css_pngs_fail_naming_the_file(css_with_bad_pngs):
+    css_dir, bad = css_with_bad_pngs
+    ds = datasets.CSSDataset(str(css_dir), "test", datasets.to_uint8_tensor, on_bad_image="fail")
+    for idx, path in bad["test"].items():
+        with pytest.raises(datasets.BadImageError, match=re.escape(path)):
+            ds.get_img(idx)
+    with pytest.raises(datasets.BadImageError, match="refusing a decompression bomb"):
+        ds.get_img(3)
+    with pytest.raises(ValueError, match="on_bad_image"):
+        datasets.CSSDataset(str(css_dir), "test", on_bad_image="ignore")

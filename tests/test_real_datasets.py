@@ -776,3 +776,40 @@ def test_loader_benchmark_runs_and_reports_json(tmp_path, capsys):
     assert set(report["results"]) == {"tirg", "ours_w0_nodraft", "ours_w0"}
     assert report["results"]["ours_w0"]["rounds"][0]["images"] == 16
     assert json.loads(capsys.readouterr().out) == json.load(open(tmp_path / "r.json"))
+
+
+# --------------------------------------------------------------------------- the M_s sample
+
+
+@pytest.mark.parametrize(
+    "cls, make, key",
+    [
+        # a query is what it asks for: MIT-States and Fashion200k judge hits by caption, so
+        # (source, text) is the query whichever image of the target caption was drawn
+        (datasets.MITStates, make_mitstates, lambda q: (q["source_img_id"], q["mod"]["str"])),
+        (
+            datasets.Fashion200k,
+            make_fashion200k,
+            lambda q: (q["source_img_id"], q["target_caption"], q["mod"]["str"]),
+        ),
+        (
+            datasets.FashionIQ,
+            make_fashioniq,
+            lambda q: (q["source_img_id"], q["target_img_id"], q["mod"]["str"]),
+        ),
+    ],
+)
+def test_training_sample_is_distinct_queries_of_the_training_pool(tmp_path, cls, make, key):
+    ds = cls(make(tmp_path / "data"), "train")
+    drawn = [ds.sample_query(i) for i in range(3000)]
+    pool = {key(q) for q in drawn}  # everything training draws, each once
+    for n in (10_000, len(pool) - 1, 5):
+        sample = ds.sample_training_queries(n, seed=10_000_019)
+        keys = [key(q) for q in sample]
+        assert len(keys) == len(set(keys)) == min(n, len(pool))  # without replacement
+        assert set(keys) <= pool
+        assert sample == ds.sample_training_queries(n, seed=10_000_019)
+        for q in sample:  # the target image carries the target's label
+            assert ds.imgs[q["target_img_id"]]["captions"][0] == q["target_caption"]
+    assert {key(q) for q in ds.sample_training_queries(10_000, seed=3)} == pool
+    assert ds.distinct_training_query_count() == len(pool)

@@ -52,6 +52,64 @@ def test_dry_run_lists_the_eight_ablation_rows_with_their_flags(tmp_path, capsys
     assert len(log_dirs) == 16
 
 
+PAPER_SCHEDULE = {
+    "--batch_size": "200",
+    "--num_iters": "4845",
+    "--eval_every": "950",
+    "--learning_rate": "0.01",
+    "--weight_decay": "1e-06",
+}
+
+
+def test_paper_protocol_is_the_ga_codes_css_schedule_with_tirg_lastconv(tmp_path):
+    for table in ("ablation", "ga_vs_fgsm", "iso_vs_l1l2"):
+        opts, extra = reproduce.parse_args(
+            ["--table", table, "--protocol", "paper", "--out", str(tmp_path)]
+        )
+        for run in reproduce.plan(opts, extra):
+            assert flag(run.argv, "--model") == "tirg_lastconv"
+            assert {f: flag(run.argv, f) for f in PAPER_SCHEDULE} == PAPER_SCHEDULE
+        assert opts.protocol_label["name"] == "paper" and opts.protocol_label["changed"] == []
+    opts, extra = reproduce.parse_args(["--table", "main", "--protocol", "paper"])
+    models = {r.label: r.model for r in reproduce.table_rows("main", "css3d", opts)}
+    assert models["TIRG"] == models["TIRG+GA"] == "tirg_lastconv"
+    # quick: the TIRG code's model at batch 32, for --num_iters
+    opts, extra = reproduce.parse_args(["--table", "main", "--num_iters", "5"])
+    models = {r.label: r.model for r in reproduce.table_rows("main", "css3d", opts)}
+    assert models["TIRG"] == "tirg"
+    (run, *_) = reproduce.plan(opts, extra)
+    assert flag(run.argv, "--batch_size") == "32" and flag(run.argv, "--num_iters") == "5"
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--table", "ablation"])  # quick needs --num_iters
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(
+            ["--table", "ablation", "--protocol", "paper", "--dataset", "mitstates"]
+        )
+
+
+def test_tables_name_their_protocol_and_what_was_changed(tmp_path):
+    opts, extra = reproduce.parse_args(
+        ["--table", "ablation", "--protocol", "paper", "--batch_size", "64", "--num_iters", "10"]
+    )
+    (run, *_) = reproduce.plan(opts, extra)
+    assert flag(run.argv, "--batch_size") == "64"  # given explicitly: it wins, once
+    assert opts.protocol_label["changed"] == ["--batch_size 64", "--num_iters 10"]
+    row = reproduce.table_rows(opts.table, opts.dataset, opts)[0]
+    results = [
+        {"label": row.label, "row": row, "seeds": [], "paper": {}, "synthetic": False,
+         "stats": {k: (None, None) for k in ("M_t", "M_s", "WHM", "seconds_per_iteration")},
+         "argv": [], "errors": [], "protocol": opts.protocol_label}
+    ]  # fmt: skip
+    text = reproduce.markdown(results, opts)
+    assert text.splitlines()[0] == "## ablation on css3d: paper protocol, 10 iterations, seeds 0"
+    assert "Protocol: paper, the GA paper's CSS protocol" in text
+    assert "**Changed here: --batch_size 64, --num_iters 10: not the paper protocol" in text
+    quick, _ = reproduce.parse_args(["--table", "ablation", "--num_iters", "10"])
+    text = reproduce.markdown(results, quick)
+    assert "quick protocol" in text.splitlines()[0] and "Not the paper's setting" in text
+    assert "Changed here" not in text
+
+
 def test_baseline_rows_and_sweeps_use_their_flags(tmp_path):
     opts, extra = reproduce.parse_args(
         ["--table", "ga_vs_fgsm", "--num_iters", "5", "--out", str(tmp_path), "--fgsm_eps", "0.1"]
@@ -143,9 +201,14 @@ def test_runs_once_then_reuses_finished_runs(tmp_path, capsys):
     # other iterations or flags are another setting
     other, extra = reproduce.parse_args(argv[:2] + ["--num_iters", "3"] + argv[4:])
     assert reproduce.plan(other, extra)[0].status == "new"
-    # whm.py reads the reproduction's folders
+    # whm.py reads the reproduction's folders; a quick run is the TIRG code's model, not the
+    # paper's CSS TIRG (tirg_lastconv)
     (summary,) = whm.summarize_runs([str(out)])
-    assert summary["dir"] == run_dir and summary["paper_method"] == "CSS TIRG"
+    assert summary["dir"] == run_dir and summary["paper_method"] is None
+    assert "tirg_lastconv" in summary["paper_note"]
+    assert "Protocol: quick" in table
+    with open(out / "ablation_css3d.json") as f:
+        assert json.load(f)[0]["protocol"]["name"] == "quick"
 
 
 @pytest.mark.slow
@@ -197,7 +260,8 @@ def test_sweep_table_and_plot_from_collected_results(tmp_path):
              "stats": stats, "argv": ["--ga_iso_gamma", f"{row.sweep_value:g}"], "errors": []}
         )  # fmt: skip
     text = reproduce.markdown(results, opts)
-    assert "paper" not in text.split("\n\n")[2].splitlines()[0]  # no paper columns for sweeps
+    header = next(line for line in text.splitlines() if line.startswith("| row |"))
+    assert "paper" not in header  # no paper columns for sweeps
     line = next(t for t in text.splitlines() if t.startswith("| ga_iso_gamma = 0.01 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:3] == ["12.0", "32.5 ± 0.7"]  # R@1, then M_t: mean ± sample std of 32, 33

@@ -241,7 +241,7 @@ def test_evaluate_encodes_each_image_once_and_reports_label_views():
     res = test_retrieval.test(model, dataset, batch_size=7, device=cpu)
     sources = {q["source_img_id"] for q in dataset.get_test_queries()}
     assert sum(counts) == len(set(range(len(dataset.imgs))) | sources) == len(dataset.imgs)
-    # the training-set protocol: the gallery lists a target once per query (repeats included)
+    # the training-set protocol: repeated targets are encoded once
     counts.clear()
     queries = dataset.get_test_queries()
     train = test_retrieval.test_on_training_queries(model, dataset, queries, 4, cpu)
@@ -271,6 +271,26 @@ def test_evaluate_encodes_each_image_once_and_reports_label_views():
         query = queries[r["query_index"]]
         assert len(r["gallery_ids"]) == 10 and query["source_img_id"] not in r["gallery_ids"]
         assert r["correct"] == [labels[j] == query["target_caption"] for j in r["gallery_ids"]]
+
+
+def test_training_gallery_lists_each_target_once():
+    torch.manual_seed(0)
+    dataset = TinyStatesDataset(with_views=False)
+    model = tiny_model("tirg", dataset)
+    cpu = torch.device("cpu")
+    # 15 queries on 3 targets of 3 different captions, 5 queries each
+    queries = [
+        dict(q, target_img_id=t, target_caption=dataset.captions[t])
+        for q, t in zip(dataset.get_test_queries(), [2, 0, 1] * 5)
+    ]
+    train = test_retrieval.test_on_training_queries(model, dataset, queries, 4, cpu)
+    # ranked against those 3 images: R@5 covers the gallery. (Listed once per query, each
+    # target's 5 exact copies filled the top 5, and R@5 was R@1.)
+    assert train["recall"][5] == 1.0
+    alone = test_retrieval.evaluate(model, dataset, queries, [0, 1, 2], False, (1, 2, 5), 4, cpu)
+    assert train["recall"] == alone["recall"]
+    assert train["recall"][1] < 1.0  # the untrained model is not perfect: R@1 and R@5 differ
+    assert test_retrieval.training_gallery_ids(queries) == [0, 1, 2]
 
 
 def test_model_that_cannot_compose_features_encodes_the_gallery_once():

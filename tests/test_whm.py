@@ -47,8 +47,10 @@ def tiny_run(data_dir, log_dir, *extra):
 def two_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("whm_runs")
     data = tmp_path_factory.mktemp("whm_data")
-    baseline = tiny_run(data, root / "logs" / "a", "--comment", "tirg")
-    with_ga = tiny_run(data, root / "logs" / "b", "--comment", "tirg_ga", "--ga")
+    # the paper's CSS TIRG is TIRGLastConv (the GA code's --model tirg)
+    lastconv = ("--model", "tirg_lastconv")
+    baseline = tiny_run(data, root / "logs" / "a", "--comment", "tirg", *lastconv)
+    with_ga = tiny_run(data, root / "logs" / "b", "--comment", "tirg_ga", "--ga", *lastconv)
     return root / "logs", baseline, with_ga
 
 
@@ -158,3 +160,57 @@ def test_paper_results_hold_every_table_of_the_paper():
         248.57
     )
     assert whm.paper_table("datasets")[("Fashion200k", "")]["test_queries"] == 33480
+
+
+def test_the_papers_css_tirg_is_tirg_lastconv():
+    off = {"sim_weight": 0.0, "ga_adv_eps": 0.0, "ga_iso_gamma": 0.0}
+    on = {"sim_weight": 1e-3, "ga_adv_eps": 1e-6, "ga_iso_gamma": 0.01}
+    css = {"dataset": "css3d", "use_bert": False}
+    assert whm.paper_method({**css, **off, "model": "tirg_lastconv"})[:2] == ("CSS", "TIRG")
+    assert whm.paper_method({**css, **on, "model": "tirg_lastconv"})[:2] == ("CSS", "TIRG+GA")
+    assert whm.paper_method({**css, **off, "model": "concat"})[1] == "Concatenation"
+    dataset, method, setting = whm.paper_method({**css, **on, "model": "tirg"})
+    assert (dataset, method) == ("CSS", None)
+    assert "the TIRG code's model; the paper's CSS TIRG is tirg_lastconv" in setting
+    # on MIT-States and Fashion200k the paper's TIRG is TIRG
+    mit = {"dataset": "mitstates", "use_bert": False, **off}
+    assert whm.paper_method({**mit, "model": "tirg"})[1] == "TIRG"
+    assert whm.paper_method({**mit, "model": "tirg_lastconv"})[1] is None
+
+
+def fake_run(folder, args, iteration=2, m_s=50.0, m_t=40.0):
+    folder.mkdir(parents=True)
+    (folder / "args.json").write_text(json.dumps(args))
+    line = {"iteration": iteration, "split": "test", "M_s": m_s, "M_t": m_t, "synthetic": True}
+    (folder / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    return str(folder)
+
+
+def test_a_css_tirg_run_is_labelled_as_the_tirg_codes_model(tmp_path):
+    args = {"dataset": "css3d", "model": "tirg", "use_bert": False}
+    run = fake_run(tmp_path / "tirg_run", args)
+    (row,) = whm.summarize_runs([run])
+    assert row["paper_method"] is None and row["paper_M_t"] is None
+    table = whm.markdown_table([row], 0.5, "last")
+    line = next(t for t in table.splitlines() if t.startswith("| tirg_run |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[7] == (
+        "— (not the paper's model: TIRG (the TIRG code's model; the paper's CSS TIRG is "
+        "tirg_lastconv))"
+    )
+    lastconv = fake_run(tmp_path / "lc", {**args, "model": "tirg_lastconv"})
+    assert whm.summarize_runs([lastconv])[0]["paper_method"] == "CSS TIRG"
+
+
+def test_run_folders_without_metrics_are_named_on_stderr(tmp_path, capsys):
+    args = {"dataset": "css3d", "model": "tirg_lastconv", "use_bert": False}
+    good = fake_run(tmp_path / "logs" / "20240101-000000_done", args)
+    pending = tmp_path / "logs" / "20240101-000001_crashed"
+    pending.mkdir()
+    (pending / "args.json").write_text(json.dumps(args))
+    (tmp_path / "logs" / "notes").mkdir()  # not a run folder: nothing to say
+    rows = whm.summarize_runs([str(tmp_path / "logs")])
+    assert [r["dir"] for r in rows] == [good]
+    err = capsys.readouterr().err
+    assert f"skipping {pending}: no metrics.jsonl" in err
+    assert err.count("skipping") == 1
