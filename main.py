@@ -463,6 +463,8 @@ def build_datasets(args):
         }
         if cls is datasets.FashionIQ:
             options["category"] = args.category_to_train
+    elif cls is datasets.CSSDataset:
+        options = {"on_bad_image": args.on_bad_image}
     try:
         trainset = cls(path, split="train", transform=transform, **options)
         testset = cls(path, split="test", transform=transform, **options)

@@ -399,3 +399,37 @@ def test_hf_text_encoder_forward(precomp):
     out["losses"]["sel"].backward()
     assert torch.isfinite(out["losses"]["sel"])
     assert model.txt_enc.linear.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("extra", [["--ga"], ["--img_pool", "mean", "--txt_pool", "mean"]])
+def test_main_runs_esa_end_to_end(tmp_path, extra):
+    """``main.main`` on the small synthetic Flickr30K stand-in: metrics.jsonl with the six
+    recalls and rsum per split, M = rsum / 6 and WHM, checkpoints and TensorBoard scalars."""
+    import json
+
+    from tb_events import read_scalars
+
+    import main
+
+    log_dir = tmp_path / "logs"
+    argv = ["--dataset", "f30k_precomp", "--synthetic_size", "small",
+            "--data_dir", str(tmp_path / "data"), "--log_dir", str(log_dir), "--num_iters", "4",
+            "--eval_every", "2", "--batch_size", "8", "--embed_size", "32", "--word_dim", "16",
+            "--loader_num_workers", "0", *extra]  # fmt: skip
+    result = main.main(argv)
+    (run_dir,) = log_dir.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["split"]) for r in records] == [
+        (2, "train"), (2, "test"), (4, "train"), (4, "test")
+    ]  # fmt: skip
+    keys = {f"{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    for r in records:
+        assert keys | {"rsum", "M", "M_s", "M_t", "WHM"} <= set(r) and r["synthetic"] is True
+        assert r["rsum"] == pytest.approx(sum(r[k] for k in keys))
+        assert r["M"] == pytest.approx(r["rsum"] / 6)
+    assert records[-1]["M_t"] == pytest.approx(result["test"]["M"])
+    if "--ga" in extra:
+        assert {"sel", "sim", "ga_adv", "ga_iso"} <= set(records[2]["loss"])
+    state = torch.load(run_dir / "latest.pt", weights_only=True)
+    assert state["iteration"] == 4 and state["args"]["model"] == "esa"
+    assert {"train/sel", "eval/test/rsum", "eval/WHM"} <= set(read_scalars(run_dir))

@@ -566,3 +566,39 @@ def test_seed_reference_numbers_read_like_the_paper_table():
         "mAP_64bits": 70.47,
     }
     assert table[("Stanford Dogs", "Image-Retrieve ResNet-18 triplet")]["mAP_64bits"] == 71.23
+
+
+def test_main_runs_hashing_end_to_end_with_ga(tmp_path):
+    """``main.main`` on the synthetic hashing set: metrics.jsonl with mAP per split and WHM,
+    the checkpoints and TensorBoard's train/ and eval/ scalars; the same seed, the same file."""
+    import json
+
+    from tb_events import read_scalars
+
+    import main
+
+    lines = []
+    for attempt in ("a", "b"):
+        log_dir = tmp_path / attempt
+        argv = ["--dataset", "hashing_synthetic", "--data_dir", str(tmp_path / "data"),
+                "--log_dir", str(log_dir), "--num_iters", "4", "--eval_every", "2",
+                "--batch_size", "8", "--classes_per_batch", "4", "--loader_num_workers", "0",
+                "--train_eval_queries", "40", "--hash_warmup_steps", "2", "--ga"]  # fmt: skip
+        result = main.main(argv)
+        (run_dir,) = log_dir.iterdir()
+        lines.append((run_dir / "metrics.jsonl").read_text())
+    records = [json.loads(line) for line in lines[0].splitlines()]
+    assert [(r["iteration"], r["split"]) for r in records] == [
+        (2, "train"), (2, "test"), (4, "train"), (4, "test")
+    ]  # fmt: skip
+    for r in records:
+        assert r["synthetic"] is True and 0 <= r["mAP"] <= 100 and r["M"] == r["mAP"]
+        assert {"M_s", "M_t", "WHM", "P@100", "mAP@100"} <= set(r)
+    assert records[-1]["M_t"] == pytest.approx(result["test"]["M"])
+    assert lines[0] == lines[1]  # same seed, same metrics
+    assert {"triplet", "sim", "ga_adv", "ga_iso"} <= set(records[2]["loss"])
+    for name in ("latest.pt", "best.pt"):
+        state = torch.load(run_dir / name, weights_only=True)
+        assert state["iteration"] in (2, 4) and state["args"]["dataset"] == "hashing_synthetic"
+    scalars = read_scalars(run_dir)
+    assert {"train/triplet", "train/ga_adv", "eval/test/mAP", "eval/WHM"} <= set(scalars)
