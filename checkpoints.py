@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import re
 import shlex
@@ -367,8 +368,11 @@ class TrainingInterrupted(Exception):
 class StopOnSignal:
     """While active, SIGINT and SIGTERM ask training to stop at the end of the current step.
 
-    A second SIGINT (Ctrl-C twice) aborts at once with KeyboardInterrupt. Handlers can only be
-    installed from the main thread; elsewhere (a run started from a thread) this does nothing.
+    The first signal says so on stderr (also during an evaluation, which can take a while). A
+    second SIGINT (Ctrl-C twice) aborts at once, without a checkpoint: it kills the DataLoader
+    workers (they ignore SIGINT and SIGTERM, so multiprocessing's exit hook would wait for them
+    forever) and exits with 130. Handlers can only be installed from the main thread; elsewhere
+    (a run started from a thread) this does nothing.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -376,24 +380,75 @@ class StopOnSignal:
     def __init__(self):
         self.signum = 0
         self._previous = {}
+        self._pipe = None
 
     def _handle(self, signum, frame):
-        # Only a flag: printing here could re-enter a stream the interrupted code was writing.
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
         self.signum = self.signum or signum
+
+    def _watch(self, read_fd: int) -> None:
+        """Signals as they arrive, even while the main thread is inside a long torch call
+        (Python runs handlers only between bytecodes; a kernel writes the wakeup byte at once)."""
+        presses = 0
+        while True:
+            try:
+                data = os.read(read_fd, 64)
+            except OSError:
+                data = b""
+            if not data:
+                os.close(read_fd)
+                return
+            for signum in data:
+                presses += signum == signal.SIGINT
+                if presses >= 2:
+                    os.write(2, b"\nsecond Ctrl-C: aborted without a checkpoint\n")
+                    for child in multiprocessing.active_children():
+                        child.kill()
+                    os._exit(128 + signal.SIGINT)
+                if signum in self.SIGNALS and not getattr(self, "_said", False):
+                    self._said = True
+                    os.write(
+                        2,
+                        f"\nreceived {signal.Signals(signum).name}: a checkpoint is written at the "
+                        f"end of this step (or evaluation); press Ctrl-C again to abort without "
+                        f"one\n".encode(),
+                    )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            self._pipe = (
+                read_fd,
+                write_fd,
+                signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False),
+            )
+            threading.Thread(target=self._watch, args=(read_fd,), daemon=True).start()
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+        if self._pipe is not None:
+            read_fd, write_fd, previous_fd = self._pipe
+            signal.set_wakeup_fd(previous_fd)
+            os.close(write_fd)  # the watcher reads EOF and ends
+            self._pipe = None
         return False
+
+
+def stop_workers() -> None:
+    """Kill this process's worker processes (DataLoader workers ignore SIGTERM, see
+    ``datasets.worker_init``), so that an error or an abort never waits on them."""
+    if threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would raise "DataLoader worker ... is killed" in the middle
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in multiprocessing.active_children():
+        child.kill()
+    for child in multiprocessing.active_children():
+        child.join(timeout=5)
 
 
 def resume_command(argv: list[str], run_dir: str) -> str:

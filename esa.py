@@ -1,7 +1,7 @@
 """ESA: External Space attention Aggregation for image-text retrieval (Zhu et al., TCSVT 2023).
 
 Image <-> caption retrieval on precomputed bottom-up region features (Flickr30K, MS-COCO), as a
-task module of main.py (see notes/TASK_CONTRACT.md): flags, defaults, datasets, model, optimizer,
+task module of main.py (see TASKS in main.py): flags, defaults, datasets, model, optimizer,
 one training forward and the evaluation.
 
     python main.py --dataset f30k_precomp --dataset_path data/f30k --model esa --loss sel

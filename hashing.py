@@ -7,11 +7,11 @@ the database is ranked by Hamming distance (``test_retrieval.hamming_map``). Pro
 split holds the queries, the training split is the database; M_t is the test mAP, M_s the mAP of
 a fixed sample of training images against the training database, each query itself excluded.
 
-This module is the task's half of main.py's contract (``notes/TASK_CONTRACT.md``):
+This module is the task's half of main.py's contract (see ``TASKS`` in main.py):
 ``add_arguments``, ``DEFAULTS``, ``build_datasets``, ``build_model``, ``build_optimizer``,
 ``forward`` and ``evaluate``. It has no training loop of its own.
 
-Examples (once main.py dispatches to this module):
+Examples:
     python main.py --dataset cub200 --dataset_path data/CUB_200_2011 --hash_bits 32
     python main.py --dataset stanford_dogs --dataset_path data/Stanford_Dogs --hash_bits 64 --ga
     python main.py --dataset hashing_synthetic --num_iters 300 --eval_every 100  # stand-in

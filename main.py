@@ -52,9 +52,15 @@ LOSSES = {
 }
 LOSS_TERM = {"batch_based_classification": "ce", "soft_triplet": "triplet"}
 RunError = checkpoints.RunError
-# The other retrieval tasks, by --dataset: each flat module offers add_arguments, DEFAULTS,
-# build_datasets, build_model, build_optimizer, forward and evaluate (composed image retrieval,
-# the datasets of ``datasets.DATASETS``, is built by this module).
+# The other retrieval tasks, by --dataset. Each flat module offers:
+#   add_arguments(parser); DEFAULTS (flags it sets when not given); DATASET_NAMES, MODEL_NAMES,
+#   LOSS_NAMES; resolve_dataset_path(args) (generates its synthetic stand-in); build_datasets(args)
+#   -> (train, test), train[index] a pure function of (seed, index), with .synthetic and
+#   .collate_fn; build_model(args, train); build_optimizer(args, model) -> (optimizer, LambdaLR);
+#   forward(model, batch, args, device, adv_input=None) -> {"losses": {name: loss},
+#   "sim": (a, b) for L_S, "adv_input": what L_GA^A differentiates}; evaluate(model, train, test,
+#   args, device) -> {"train": {..., "M"}, "test": {..., "M"}}, in percent.
+# Composed image retrieval (``datasets.DATASETS``) is built by this module (``cir_forward``).
 TASKS = {
     **{name: hashing for name in hashing.DATASET_NAMES},
     **{name: esa for name in esa.DATASET_NAMES},
@@ -918,6 +924,8 @@ def main(argv=None) -> dict | None:
                 file=sys.stderr,
             )
         raise SystemExit(128 + e.signum) from None
+    finally:
+        checkpoints.stop_workers()  # an error must end the process, not wait on its workers
 
 
 def _on_rank_zero(fn, context):

@@ -572,3 +572,46 @@ def test_grad_scaler_step_equals_the_unscaled_step(data_dir):
     values = main.train_step(model, optimizer, batch, args, torch.device("cpu"), 0, scaler)
     assert values["fp16_skipped"] == 1.0 and scaler.get_scale() == 2.0**126
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_two_ctrl_c_to_the_process_group_end_the_run_within_seconds(data_dir, tmp_path):
+    """Ctrl-C twice, 0.5 s apart, to a run in its own process group with 2 loader workers (which
+    ignore SIGINT and SIGTERM): the first press says a checkpoint is coming and a second press
+    aborts; the second ends the process within 10 s, with no traceback and no hang in
+    multiprocessing's exit hook."""
+    log_dir = tmp_path / "logs"
+    argv = [
+        *run_argv(data_dir, log_dir, "--num_iters", "100000", "--eval_every", "100000"),
+        "--loader_num_workers",
+        "2",
+        "--batch_size",
+        "48",
+        "--ga",
+        "--ga_adv_eps",
+        "1e-3",
+        "--image_embed_dim",
+        "512",
+    ]  # fmt: skip  (steps long enough for both presses)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", os.path.join(ROOT, "main.py"), *argv],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (log_dir.exists() and run_dirs(log_dir) and os.listdir(run_dirs(log_dir)[0])):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(3)  # training, with its loader workers up
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "press Ctrl-C again to abort without one" in err
+    assert "aborted without a checkpoint" in err
