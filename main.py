@@ -73,7 +73,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+        hidden = action.default is None or action.default is False
+        if hidden or action.default == argparse.SUPPRESS or "(default" in text.lower():
             return text
         return f"{text} (default: %(default)s)".lstrip()
 
@@ -97,7 +98,8 @@ def add_bool(parser, name, default, help_text):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Train/evaluate composed image retrieval models (TIRG, GA).",
+        description="Train and evaluate retrieval models with Gradient Augmentation: composed "
+        "image retrieval (TIRG, ComposeAE), image-text matching (ESA), learning to hash.",
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -199,7 +201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--num_iters",
         type=int,
         default=210000,
-        help="training iterations (TIRG's default; esa: --num_epochs decides)",
+        help="training iterations, as TIRG (esa: from its num_epochs)",
     )
     g.add_argument(
         "--grad_clip",

@@ -153,3 +153,36 @@ def test_pretrained_without_cached_weights_says_what_to_do(tmp_path, monkeypatch
         main.main(small_run_args(tmp_path, "--pretrained", "True"))
     err = capsys.readouterr().err
     assert "resnet18-f37072fd.pth" in err and "--pretrained False" in err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch_size", "1"], "--batch_size must be >= 2"),  # crashed inside BatchNorm
+        (["--num_iters", "0"], "--num_iters must be >= 1"),  # exited 0 having done nothing
+    ],
+)
+def test_arguments_that_cannot_train_are_refused_when_parsed(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split()).split(" options: ", 1)[1]
+    for flag, default in [("--num_iters", "210000"), ("--batch_size", "32"),
+                          ("--learning_rate", "0.01"), ("--weight_decay", "1e-06"),
+                          ("--seed", "0"), ("--log_dir", "./logs"), ("--device", "auto"),
+                          ("--image_embed_dim", "512")]:  # fmt: skip
+        help_text = text.split(f"{flag} ", 1)[1].split(" --", 1)[0]
+        assert help_text.count("default") == 1 and f"(default: {default})" in help_text, flag
+    sim = text.split("--sim_weight SIM_WEIGHT", 1)[1].split(" --", 1)[0]
+    assert "None" not in sim and sim.count("default") == 1
+
+
+def test_args_json_has_no_image_size_where_no_photographs_are_read():
+    assert main.parse_args(["--dataset", "css3d"]).image_size is None
+    assert main.parse_args(["--dataset", "mitstates"]).image_size == 224
