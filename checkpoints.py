@@ -387,7 +387,8 @@ class StopOnSignal:
 
     def _watch(self, read_fd: int) -> None:
         """Signals as they arrive, even while the main thread is inside a long torch call
-        (Python runs handlers only between bytecodes; a kernel writes the wakeup byte at once)."""
+        (Python runs handlers only between bytecodes; the C-level handler writes the wakeup byte
+        at once)."""
         presses = 0
         while True:
             try:
