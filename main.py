@@ -1017,8 +1017,7 @@ def _run(args, context) -> dict | None:
             summary = datasets.bad_image_summary(trainset, testset)
             if summary:
                 print(summary, file=sys.stderr)
-            if result is not None:
-                print(checkpoints.format_result(result, args.num_iters, trainset.synthetic))
+            # The last evaluation printed the final result already: the last line on stdout.
         return result
     finally:
         if run is not None:

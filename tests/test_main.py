@@ -77,6 +77,7 @@ def test_end_to_end_writes_metrics_checkpoints_and_tensorboard(tmp_path, capsys)
     } <= tags
     out = capsys.readouterr().out.strip().splitlines()
     assert "SYNTHETIC" in out[-1] and "R@1" in out[-1]  # the last line: final test metrics
+    assert sum(line.startswith("test results at iteration 6") for line in out) == 1  # once
 
 
 def test_same_seed_same_metrics_and_test_only_reproduces_them(tmp_path):
