@@ -666,12 +666,19 @@ def check_finite(values: dict[str, torch.Tensor], iteration: int, last_good: str
     if bool(torch.isfinite(torch.stack([v.float() for v in checked.values()])).all()):
         return
     name, value = next((k, v.item()) for k, v in checked.items() if not torch.isfinite(v))
-    kept = (
-        f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    )
     raise RunError(
         f"non-finite {'gradient' if name == 'grad_norm' else 'loss'} at iteration {iteration}: "
-        f"term '{name}' = {value}; stopping ({kept})"
+        f"term '{name}' = {value}; {_after_divergence(last_good)}"
+    )
+
+
+def _after_divergence(last_good: str | None) -> str:
+    if not last_good:
+        return "stopping (no checkpoint was written yet); try a lower --learning_rate"
+    return (
+        f"stopping (the last good checkpoint is {last_good}: its weights are finite but may have "
+        f"exploded already, so resuming from it can diverge again; prefer best.pt of the run "
+        f"folder, chosen by M_s, and a lower --learning_rate)"
     )
 
 
@@ -694,14 +701,10 @@ def check_finite_parameters(model, iteration: int, last_good: str | None) -> Non
     """RunError naming the first non-finite parameter tensor, if any."""
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
-            kept = (
-                f"the last good checkpoint is {last_good}"
-                if last_good
-                else "no checkpoint was written yet"
-            )
             raise RunError(
                 f"non-finite weights after iteration {iteration}: {name} holds NaN or inf (the "
-                f"update overflowed: is the learning rate too high?); stopping ({kept})"
+                f"update overflowed: is the learning rate too high?); "
+                f"{_after_divergence(last_good)}"
             )
 
 

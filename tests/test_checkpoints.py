@@ -478,10 +478,12 @@ def test_non_finite_loss_stops_naming_term_and_iteration_keeping_last_checkpoint
             assert all(torch.isfinite(t).all() for t in weights if t.is_floating_point())
             assert "non-finite loss at iteration 1: term 'ce' = nan" in err
             assert f"the last good checkpoint is {latest}" in err
+            assert "may have exploded already" in err and "best.pt" in err
+            assert "lower --learning_rate" in err
         else:
             assert not os.path.exists(latest)
             assert "non-finite weights after iteration 1: img_model.conv1.weight" in err
-            assert "no checkpoint was written yet" in err
+            assert "no checkpoint was written yet" in err and "lower --learning_rate" in err
 
 
 # --------------------------------------------------------------------------- precision
