@@ -145,10 +145,9 @@ def load_checkpoint(path: str, args, keys=("model", "args")) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise RunError(
-            f"{path} is not a readable TIRG-GA checkpoint ({type(e).__name__}: {first}); "
-            f"expected a file written by main.py with torch.save"
+            f"{path} is not a readable TIRG-GA checkpoint ({_load_failure(e)}); expected a file "
+            f"written by main.py with torch.save"
         ) from None
     if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
         raise RunError(
@@ -170,6 +169,18 @@ def load_checkpoint(path: str, args, keys=("model", "args")) -> dict:
                 f"asks for --{key} {getattr(args, key)}"
             )
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """Why torch.load refused a file, for people: the global a pickle names (never torch's hint
+    to load it with weights_only=False, which would run it), without the terminal escape codes
+    a hostile file can put into the message."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]", "", str(error))
+    refused = re.search(r"GLOBAL (\S+)", text)
+    if refused:
+        return f"it names the Python global {refused.group(1)}, refused without running it"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def restore_model(model, state: dict, path: str) -> None:

@@ -617,3 +617,23 @@ def test_two_ctrl_c_to_the_process_group_end_the_run_within_seconds(data_dir, tm
     assert "Traceback" not in err, err[-2000:]
     assert "press Ctrl-C again to abort without one" in err
     assert "aborted without a checkpoint" in err
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def test_a_hostile_checkpoint_is_refused_naming_its_global_without_unsafe_advice(tmp_path):
+    """A pickle that names os.system, and one whose names carry terminal escape codes: the error
+    names the refused global, never suggests weights_only=False, and prints no escape code."""
+    plain = tmp_path / "runs_code.pt"
+    torch.save({"model": _RunsCode()}, plain)
+    escapes = tmp_path / "escapes.pt"
+    escapes.write_bytes(b"\x80\x02cos\x1b[2J\nsystem\x1b[31m\n)R.")
+    for path, name in ((plain, "system"), (escapes, "os.system")):
+        with pytest.raises(checkpoints.RunError) as error:
+            load_checkpoint(str(path), tirg_args())
+        message = str(error.value)
+        assert f"{name}, refused without running it" in message, message
+        assert "weights_only" not in message and "\x1b" not in message
