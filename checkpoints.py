@@ -233,9 +233,10 @@ def run_dir_pattern(comment: str) -> re.Pattern:
 def find_resume_checkpoint(args) -> str | None:
     """The checkpoint --resume names.
 
-    'auto': latest.pt of the newest run folder of this --comment under --log_dir that has one
-    (newest by the time stamp in its name), or None when there is none (a new run starts). A
-    folder: its latest.pt. A file: itself.
+    'auto': latest.pt of the newest run folder of this --comment under --log_dir whose recorded
+    arguments (its args.json) equal this command's, ``--resume`` and the spelling of paths
+    aside; None when there is none (a new run starts, and the note says why). An explicit folder
+    (its latest.pt) or file may change arguments: the resumed run prints what changed.
     """
     if args.resume != "auto":
         path = args.resume
@@ -255,7 +256,47 @@ def find_resume_checkpoint(args) -> str | None:
             checkpoint = os.path.join(args.log_dir, name, "latest.pt")
             if match and os.path.isfile(checkpoint):
                 candidates.append(((match.group(1), int(match.group(2) or 0)), checkpoint))
-    return max(candidates)[1] if candidates else None
+    reason = f"no run of --comment {args.comment} with a latest.pt under {args.log_dir}"
+    for _, checkpoint in sorted(candidates, reverse=True):
+        differences = argument_differences(os.path.dirname(checkpoint), args)
+        if not differences:
+            return checkpoint
+        if reason.startswith("no run"):
+            reason = (
+                f"the newest run of --comment {args.comment}, {os.path.dirname(checkpoint)}, "
+                f"was started with other arguments ({'; '.join(differences[:4])})"
+            )
+    print(f"--resume auto: {reason}; starting a new run")
+    return None
+
+
+# Keys of args.json that a resumed run may differ in: how it was resumed, and what the run sets
+# itself once the data are loaded.
+_NOT_COMPARED = ("resume", "world_size")
+_PATH_KEYS = ("dataset_path", "data_dir", "log_dir", "model_checkpoint", "word_vectors")
+
+
+def argument_differences(run_dir: str, args) -> list[str]:
+    """'--key recorded -> now' for each argument of ``args`` that differs from the run's
+    args.json (paths compared as absolute paths); a run without a readable args.json differs."""
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return ["no readable args.json"]
+
+    def plain(key, value):
+        if key in _PATH_KEYS and isinstance(value, str):
+            return os.path.abspath(os.path.expanduser(value))
+        return value
+
+    differences = []
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_COMPARED or (key == "num_iters" and value is None):  # esa: from epochs
+            continue
+        if plain(key, recorded.get(key)) != plain(key, value):
+            differences.append(f"--{key} {recorded.get(key)} -> {value}")
+    return differences
 
 
 class Run:

@@ -255,8 +255,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume",
         default=None,
         help="continue a run: 'auto' (the newest <log_dir>/<time>_<comment> folder with a "
-        "latest.pt; a new run when there is none), a run folder, or a checkpoint file. The run "
-        "folder is reused and the run ends exactly as an uninterrupted one would",
+        "latest.pt whose args.json equals this command's; else a new run, saying why), a run "
+        "folder, or a checkpoint file (arguments may change). The run folder is reused and the "
+        "run ends exactly as an uninterrupted one would",
     )
     g.add_argument(
         "--checkpoint_every",
@@ -963,13 +964,7 @@ def _run(args, context) -> dict | None:
             )
 
         checkpoint, state = _on_rank_zero(read_resume_state, context)
-        if checkpoint is None:
-            if is_main:
-                print(
-                    f"--resume auto: no run of --comment {args.comment} with a latest.pt under "
-                    f"{args.log_dir}; starting a new run"
-                )
-        else:
+        if checkpoint is not None:  # (--resume auto without a matching run said why)
             checkpoints.restore_model(model, state, checkpoint)
             checkpoints.restore_training(optimizer, scaler, state, checkpoint)
             start_iteration, best_metric = state["iteration"], state["best_metric"]

@@ -255,6 +255,8 @@ def test_sigkill_mid_training_then_resume_auto_ends_with_identical_metrics(tmp_p
 def test_find_resume_checkpoint_auto_picks_the_newest_run_of_the_comment(tmp_path):
     def make(name, checkpoint=True):
         os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "args.json", "w") as f:
+            json.dump(vars(args), f)
         if checkpoint:
             (tmp_path / name / "latest.pt").write_bytes(b"x")
 
@@ -637,3 +639,23 @@ def test_a_hostile_checkpoint_is_refused_naming_its_global_without_unsafe_advice
         message = str(error.value)
         assert f"{name}, refused without running it" in message, message
         assert "weights_only" not in message and "\x1b" not in message
+
+
+def test_resume_auto_continues_only_a_run_of_the_same_arguments(tmp_path, monkeypatch, capsys):
+    """The README's sequence: a 300-iteration first look, then the main job with --resume auto.
+    Both are named css3d_tirg_ga; the main job must not continue (and rewrite) the first look.
+    The same arguments with paths spelled otherwise do continue it."""
+    monkeypatch.chdir(tmp_path)
+    first_look = main.parse_args(["--ga", "--num_iters", "300", "--log_dir", "logs"])
+    run_dir = tmp_path / "logs" / "20240101-000000_css3d_tirg_ga"
+    os.makedirs(run_dir)
+    (run_dir / "latest.pt").write_bytes(b"x")
+    with open(run_dir / "args.json", "w") as f:
+        json.dump(vars(first_look), f)
+    main_job = main.parse_args(["--ga", "--resume", "auto", "--log_dir", "logs"])
+    assert find_resume_checkpoint(main_job) is None
+    out = capsys.readouterr().out
+    assert "other arguments (--num_iters 300 -> 210000)" in out and "starting a new run" in out
+    again = main.parse_args(["--ga", "--num_iters", "300", "--resume", "auto",
+                             "--log_dir", str(tmp_path / "logs")])  # fmt: skip
+    assert find_resume_checkpoint(again) == str(tmp_path / "logs" / run_dir.name / "latest.pt")
