@@ -162,7 +162,7 @@ def load_checkpoint(path: str, args, keys=("model", "args")) -> dict:
             f"(found {found}); main.py writes a dict with {', '.join(RESUME_KEYS)}"
         )
     saved = state["args"]
-    for key in ("model", "dataset", "image_embed_dim", "text_encoder"):
+    for key in ("model", "dataset", "image_embed_dim", "text_encoder") if args else ():
         if saved.get(key, getattr(args, key)) != getattr(args, key):
             raise RunError(
                 f"{path} holds a checkpoint of --{key} {saved.get(key)}, but this run "

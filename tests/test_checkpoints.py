@@ -411,7 +411,7 @@ def foreign_checkpoints(tmp_path):
     torch.save(concat, tmp_path / "concat.pt")
     cases["concat.pt"] = "holds a checkpoint of --model concat, but this run asks for --model tirg"
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "pickled_module.pt")
-    cases["pickled_module.pt"] = "is not a readable TIRG-GA checkpoint .*Weights only load failed"
+    cases["pickled_module.pt"] = "is not a readable TIRG-GA checkpoint .*names the Python global"
     cases["missing.pt"] = "checkpoint not found"
     return tmp_path, cases
 

@@ -104,6 +104,24 @@ def test_same_seed_same_metrics_and_test_only_reproduces_them(tmp_path):
     )
     final = [json.loads(line) for line in a.splitlines()][-1]
     assert result["test"]["M"] == pytest.approx(final["M_t"], abs=1e-9)
+    # Labelled as what was trained: the checkpoint's iteration and settings (--loss came from it)
+    test_dir = only_run_dir(tmp_path / "t")
+    with open(os.path.join(test_dir, "metrics.jsonl")) as f:
+        assert {json.loads(line)["iteration"] for line in f} == {6}
+    with open(os.path.join(test_dir, "args.json")) as f:
+        assert json.load(f)["loss"] == "soft_triplet"
+
+
+def test_test_only_refuses_a_flag_that_conflicts_with_the_checkpoint(tmp_path, capsys):
+    main.main(small_run_args(tmp_path, "--model", "tirg", "--ga", "--num_iters", "2",
+                             "--eval_every", "2"))  # fmt: skip
+    checkpoint = os.path.join(only_run_dir(tmp_path / "logs"), "latest.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--test_only", "--model_checkpoint", checkpoint, "--ga", "False"])
+    assert exit_info.value.code == 2
+    assert "--ga False conflicts with the checkpoint" in capsys.readouterr().err
+    args = main.parse_args(["--test_only", "--model_checkpoint", checkpoint])
+    assert args.ga is True and args.ga_adv_eps == 1e-6 and args.comment == "e2e"
 
 
 @pytest.mark.parametrize("model", ["imgonly", "textonly", "concat", "tirg_lastconv"])
