@@ -93,12 +93,14 @@ def metrics_iterations(log_dir) -> list[int]:
 
 
 def test_resume_auto_continues_exactly(data_dir, tmp_path):
-    """3 iterations in one go, and 1 then --resume auto to 3: identical final metrics lines and
+    """3 iterations in one go, and 1 then --resume to 3: identical final metrics lines and
     bit-identical weights (optimizer momentum, iteration, best metric, per-step seeds)."""
     common = ["--eval_every", "3", "--checkpoint_every", "0"]
     main.main(run_argv(data_dir, tmp_path / "a", *common, "--num_iters", "3"))
     main.main(run_argv(data_dir, tmp_path / "b", *common, "--num_iters", "1"))
-    main.main(run_argv(data_dir, tmp_path / "b", *common, "--num_iters", "3", "--resume", "auto"))
+    # --num_iters changes, so the run is named (--resume auto continues equal arguments only)
+    (first,) = run_dirs(tmp_path / "b")
+    main.main(run_argv(data_dir, tmp_path / "b", *common, "--num_iters", "3", "--resume", first))
     (a,), (b,) = run_dirs(tmp_path / "a"), run_dirs(tmp_path / "b")
     assert metrics_iterations(tmp_path / "b") == [1, 1, 3, 3]
     lines_b = read(os.path.join(b, "metrics.jsonl")).splitlines()
