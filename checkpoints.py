@@ -171,6 +171,34 @@ def load_checkpoint(path: str, args, keys=("model", "args")) -> dict:
     return state
 
 
+# What --test_only may set itself; every other setting comes from the checkpoint's arguments.
+EVALUATION_FLAGS = {
+    "dataset_path", "data_dir", "log_dir", "device", "loader_num_workers", "eval_batch_size",
+    "test_only", "model_checkpoint", "resume", "comment", "train_eval_queries", "on_bad_image",
+    "bert_host", "bert_port", "bert_port_out", "bert_timeout", "precision", "log_every",
+    "checkpoint_every", "eval_every", "ensemble", "eval_split", "image_size",
+}  # fmt: skip
+
+
+def adopt_training_settings(parser, args, given: set[str]) -> None:
+    """--test_only: the model, data set, GA terms, text encoder, ... of the checkpoint's run, so
+    the result is labelled as what was trained; a conflicting flag is an error, a missing one
+    is fine. The run folder is named after the checkpoint's run unless --comment is given."""
+    try:
+        saved = load_checkpoint(args.model_checkpoint, None, keys=("args",))["args"]
+    except RunError as e:
+        parser.error(str(e))
+    for key, value in saved.items():
+        if key in EVALUATION_FLAGS and not (key == "comment" and "comment" not in given):
+            continue
+        if key in given and getattr(args, key, value) != value:
+            parser.error(
+                f"--{key} {getattr(args, key)} conflicts with the checkpoint, which was trained "
+                f"with --{key} {value} ({args.model_checkpoint}); leave the flag out"
+            )
+        setattr(args, key, value)
+
+
 def _load_failure(error: Exception) -> str:
     """Why torch.load refused a file, for people: the global a pickle names (never torch's hint
     to load it with weights_only=False, which would run it), without the terminal escape codes

@@ -269,7 +269,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     given = given_flags(p, argv)
     args = p.parse_args(argv)
     if args.test_only and args.model_checkpoint:
-        adopt_training_settings(p, args, given)
+        checkpoints.adopt_training_settings(p, args, given)
     task = TASKS.get(args.dataset)
     for name, value in getattr(task, "DEFAULTS", {}).items():
         if name not in given:
@@ -334,34 +334,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.bert_timeout > 0:
         p.error("--bert_timeout must be a positive number of seconds")
     return args
-
-
-# What --test_only may set itself; every other setting comes from the checkpoint's arguments.
-EVALUATION_FLAGS = {
-    "dataset_path", "data_dir", "log_dir", "device", "loader_num_workers", "eval_batch_size",
-    "test_only", "model_checkpoint", "resume", "comment", "train_eval_queries", "on_bad_image",
-    "bert_host", "bert_port", "bert_port_out", "bert_timeout", "precision", "log_every",
-    "checkpoint_every", "eval_every", "ensemble", "eval_split", "image_size",
-}  # fmt: skip
-
-
-def adopt_training_settings(parser, args, given: set[str]) -> None:
-    """--test_only: the model, data set, GA terms, text encoder, ... of the checkpoint's run, so
-    the result is labelled as what was trained; a conflicting flag is an error, a missing one
-    is fine. The run folder is named after the checkpoint's run unless --comment is given."""
-    try:
-        saved = checkpoints.load_checkpoint(args.model_checkpoint, None, keys=("args",))["args"]
-    except RunError as e:
-        parser.error(str(e))
-    for key, value in saved.items():
-        if key in EVALUATION_FLAGS and not (key == "comment" and "comment" not in given):
-            continue
-        if key in given and getattr(args, key, value) != value:
-            parser.error(
-                f"--{key} {getattr(args, key)} conflicts with the checkpoint, which was trained "
-                f"with --{key} {value} ({args.model_checkpoint}); leave the flag out"
-            )
-        setattr(args, key, value)
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
