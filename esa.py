@@ -588,30 +588,26 @@ def _feature_scores(pairs):
     return score_fn
 
 
-def evaluate(model: ESAModel, trainset, testset, args, device) -> dict:
+def evaluate(model, trainset, testset, args, device) -> dict:
     """{"train": M_s metrics, "test": M_t metrics}: i2t/t2i R@1/5/10 and rsum in percent, M =
-    rsum / 6. train: the fixed sample of ``training_sample``; test: see ``_test_metrics``."""
+    rsum / 6. train: the fixed sample of ``training_sample``; test: see ``_test_metrics``.
+
+    ``model`` may be a list of models (in eval mode, under no_grad): ESA*, the average of their
+    similarity matrices, formed block by block, never whole. Each model encodes each split once.
+    """
+    models = model if isinstance(model, (list, tuple)) else [model]
     batch_size = getattr(args, "eval_batch_size", 256)
     image_ids, caption_ids = training_sample(trainset, args.train_eval_queries)
-    images, captions = encode_split(model, trainset, image_ids, caption_ids, device, batch_size)
-    train = _with_m(test_retrieval.image_text_recall(images, captions, trainset.captions_per_image))
-    all_captions = range(len(testset.captions))
-    images, captions = encode_split(
-        model, testset, range(testset.n_images), all_captions, device, batch_size
-    )
-    test = _test_metrics(_feature_scores([(images, captions)]), testset.n_images, testset)
-    return {"train": train, "test": test}
-
-
-def ensemble_evaluate(models, testset, args, device) -> dict:
-    """ESA*: the test metrics of the average of the models' similarity matrices (models in eval
-    mode, under no_grad). Each model encodes the test split once; the averaged matrix is formed
-    block by block, never whole."""
-    batch_size = getattr(args, "eval_batch_size", 256)
-    pairs = [
-        encode_split(
-            m, testset, range(testset.n_images), range(len(testset.captions)), device, batch_size
+    pairs = [encode_split(m, trainset, image_ids, caption_ids, device, batch_size) for m in models]
+    train = _with_m(
+        test_retrieval.image_text_recall_from_scores(
+            _feature_scores(pairs), trainset.captions_per_image,
+            n_images=len(image_ids), n_captions=len(caption_ids),
         )
-        for m in models
+    )  # fmt: skip
+    all_images, all_captions = range(testset.n_images), range(len(testset.captions))
+    pairs = [
+        encode_split(m, testset, all_images, all_captions, device, batch_size) for m in models
     ]
-    return {"test": _test_metrics(_feature_scores(pairs), testset.n_images, testset)}
+    test = _test_metrics(_feature_scores(pairs), testset.n_images, testset)
+    return {"train": train, "test": test}

@@ -51,6 +51,7 @@ LOSSES = {
     "soft_triplet": torch_function.soft_triplet_loss,
 }
 LOSS_TERM = {"batch_based_classification": "ce", "soft_triplet": "triplet"}
+UNTRAINED = "untrained"  # --model_checkpoint untrained: evaluate the freshly initialised model
 RunError = checkpoints.RunError
 # The other retrieval tasks, by --dataset. Each flat module offers:
 #   add_arguments(parser); DEFAULTS (flags it sets when not given); DATASET_NAMES, MODEL_NAMES,
@@ -250,7 +251,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g.add_argument("--log_dir", default="./logs", help="run folders go here")
     add_bool(g, "--test_only", False, "only evaluate --model_checkpoint")
-    g.add_argument("--model_checkpoint", default=None, help="the checkpoint --test_only evaluates")
+    g.add_argument(
+        "--model_checkpoint",
+        default=None,
+        help=f"the checkpoint --test_only evaluates; '{UNTRAINED}': the model as initialised "
+        "from --seed, the baseline that training should beat",
+    )
     g.add_argument(
         "--resume",
         default=None,
@@ -268,7 +274,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     given = given_flags(p, argv)
     args = p.parse_args(argv)
-    if args.test_only and args.model_checkpoint:
+    if args.ensemble and not args.test_only:
+        p.error("--ensemble evaluates two checkpoints: add --test_only")
+    if args.ensemble:
+        if args.model_checkpoint:
+            p.error("--ensemble names both checkpoints; leave out --model_checkpoint")
+        args.model_checkpoint = args.ensemble[0]  # whose training settings label the result
+    if args.test_only and args.model_checkpoint not in (None, UNTRAINED):
         checkpoints.adopt_training_settings(p, args, given)
     task = TASKS.get(args.dataset)
     for name, value in getattr(task, "DEFAULTS", {}).items():
@@ -290,10 +302,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ga.resolve_arguments(p, args)
     if args.comment is None:
         args.comment = f"{args.dataset}_{args.model}" + ("_ga" if args.ga else "")
+    if "comment" not in given and args.test_only:  # not to be taken for the trained run
+        if args.model_checkpoint == UNTRAINED:
+            args.comment += "_untrained"
+        elif args.ensemble:
+            args.comment += "_ensemble"
     if args.pretrained is None:  # the synthetic stand-ins train from scratch
         args.pretrained = args.dataset != "css3d" and (task is None or bool(args.dataset_path))
     if args.test_only and not args.model_checkpoint:
-        p.error("--test_only needs --model_checkpoint")
+        p.error(f"--test_only needs --model_checkpoint (a file, or '{UNTRAINED}')")
+    if args.ensemble and TASKS.get(args.dataset) is not esa:
+        p.error("--ensemble (ESA*) is for the image-text data sets")
     if args.batch_size < 2 or args.eval_every < 1:
         p.error("--batch_size must be >= 2 (batch norm and the batch losses need two) and "
                 "--eval_every >= 1")  # fmt: skip
@@ -640,8 +659,10 @@ def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
 
     ``train_queries``: composed retrieval's fixed training sample (the other tasks draw theirs).
     """
-    was_training = model.training
-    model.eval()
+    models = model if isinstance(model, list) else [model]  # a list: ESA*'s ensemble
+    was_training = models[0].training
+    for m in models:
+        m.eval()
     with torch.no_grad():
         if args.dataset in TASKS:
             result = TASKS[args.dataset].evaluate(model, trainset, testset, args, device)
@@ -650,7 +671,8 @@ def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
                 model, trainset, testset, train_queries, device,
                 args.eval_batch_size, args.loader_num_workers,
             )  # fmt: skip
-    model.train(was_training)
+    for m in models:
+        m.train(was_training)
     result["WHM"] = whm_lib.whm(result["train"]["M"], result["test"]["M"], alpha=0.5)
     return result
 
@@ -941,14 +963,24 @@ def _run(args, context) -> dict | None:
     if args.test_only:
         if not is_main:  # evaluation is one process's job
             return None
-        state = checkpoints.load_checkpoint(args.model_checkpoint, args)
-        checkpoints.restore_model(model, state, args.model_checkpoint)
-        iteration = state.get("iteration", 0)
+        models, iteration = [], 0
+        for path in args.ensemble or [args.model_checkpoint]:
+            if models:  # ESA*: a second model of the same settings
+                model = build_model(args, trainset, testset).to(device)
+            if path == UNTRAINED:
+                print(f"evaluating the untrained model (initialised from --seed {args.seed})")
+            else:
+                state = checkpoints.load_checkpoint(path, args)
+                checkpoints.restore_model(model, state, path)
+                iteration = max(iteration, state.get("iteration", 0))
+            models.append(model)
         run = checkpoints.Run(args)
         print(f"run folder: {run.dir}")
         try:
             train_queries = training_sample(trainset, args)
-            result = evaluate_all(model, trainset, testset, train_queries, args, device)
+            result = evaluate_all(
+                models if args.ensemble else model, trainset, testset, train_queries, args, device
+            )
             checkpoints.record_evaluation(run, iteration, result, trainset.synthetic)
             if "ranked" in result:
                 visualize.log_qualitative(run, testset, result, iteration)

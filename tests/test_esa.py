@@ -378,9 +378,10 @@ def test_evaluate_and_ensemble_on_the_synthetic_stand_in(tmp_path):
     assert {f"5K_{k}" for k in six} <= set(metrics["test"])
     images, captions = esa.encode_split(model, train, *esa.training_sample(train, 25), "cpu")
     assert images.shape == (5, 16) and captions.shape == (25, 16)
-    with torch.no_grad():
-        ensemble = esa.ensemble_evaluate([model, model], test, args, torch.device("cpu"))
-    assert ensemble["test"] == pytest.approx(metrics["test"])
+    with torch.no_grad():  # ESA* of a model with itself: the same matrix, the same recalls
+        ensemble = esa.evaluate([model, model], train, test, args, torch.device("cpu"))
+    for split in ("train", "test"):
+        assert ensemble[split] == pytest.approx(metrics[split])
 
 
 def test_hf_text_encoder_forward(precomp):
@@ -433,3 +434,26 @@ def test_main_runs_esa_end_to_end(tmp_path, extra):
     state = torch.load(run_dir / "latest.pt", weights_only=True)
     assert state["iteration"] == 4 and state["args"]["model"] == "esa"
     assert {"train/sel", "eval/test/rsum", "eval/WHM"} <= set(read_scalars(run_dir))
+    if "--ga" not in extra:
+        return
+    # --test_only on this checkpoint, on ESA* of it with itself (the same matrix), and on the
+    # untrained model: the first two agree, each labelled as what it evaluated.
+    common = ["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "eval"),
+              "--dataset", "f30k_precomp", "--synthetic_size", "small", "--test_only",
+              "--loader_num_workers", "0"]  # fmt: skip
+    latest = str(run_dir / "latest.pt")
+    single = main.main([*common, "--model_checkpoint", latest])
+    ensemble = main.main([*common, "--ensemble", latest, latest])
+    assert ensemble["test"] == pytest.approx(single["test"])
+    assert ensemble["train"] == pytest.approx(single["train"])
+    untrained = main.main([*argv[:-1], "--log_dir", str(tmp_path / "eval"), "--test_only",
+                           "--model_checkpoint", "untrained"])  # fmt: skip
+    assert untrained["test"]["rsum"] != pytest.approx(single["test"]["rsum"])
+    folders = sorted(p.name.split("_", 1)[1] for p in (tmp_path / "eval").iterdir())
+    assert folders == ["f30k_precomp_esa_ga", "f30k_precomp_esa_ga_ensemble",
+                       "f30k_precomp_esa_untrained"]  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "eval").glob("*_untrained/metrics.jsonl")
+             .__next__().read_text().splitlines()]  # fmt: skip
+    assert {r["iteration"] for r in lines} == {0}
+    with pytest.raises(SystemExit):  # ESA* is for the image-text task only
+        main.parse_args(["--dataset", "css3d", "--test_only", "--ensemble", latest, latest])
