@@ -28,6 +28,7 @@ import torch
 ADVERSARIAL_Q = (1.0, 2.0, math.inf)
 ISOTROPIC_NOISE = ("gaussian", "uniform", "sphere")
 ISOTROPIC_SCALE = ("mean", "sum")
+ISOTROPIC_FORMS = ("paper", "public")
 
 
 def similarity_matching_loss(
@@ -123,39 +124,83 @@ def draw_isotropic_noise(
     return [_draw(p, kind, generator) for p in params]
 
 
+def isotropic_coefficients(
+    params: list[torch.Tensor], gamma: float, scale: str, cumulative: bool = False
+) -> list[float]:
+    """gamma * s_p * c_p per tensor: c_p = 1, or with ``cumulative`` N - k for the k-th of N
+    tensors (0-based), the count of the public GA code's loop (its running sum of the terms is
+    added to the loss on every pass, so tensor k is counted by passes k, ..., N - 1)."""
+    n = len(params)
+    return [
+        _coefficient(p, gamma, scale) * (n - k if cumulative else 1) for k, p in enumerate(params)
+    ]
+
+
 @torch.no_grad()
 def add_isotropic_gradient_noise(
-    params: list[torch.Tensor], gamma: float, kind: str, scale: str, seed: int, iteration: int
+    params: list[torch.Tensor],
+    gamma: float,
+    kind: str,
+    scale: str,
+    seed: int,
+    iteration: int,
+    *,
+    cumulative: bool = False,
+    drift: bool = False,
 ) -> torch.Tensor:
-    """Apply L_GA^I as gradient noise: p.grad += gamma * s_p * r_p, r drawn for ``iteration``.
+    """Apply L_GA^I as gradient noise: p.grad += a_p * r_p (+ a_p with ``drift``), a_p from
+    ``isotropic_coefficients``, r drawn for ``iteration`` (none with kind 'none').
+
+    The paper's form is the default. ``cumulative`` and ``drift`` give the public GA code's
+    ``--random_grad``: sum over passes k of 0.01 * sum_{j<=k} (mean(r_j * p_j) + mean(p_j)),
+    whose gradient is exactly this (the form is linear in p, so no graph is needed).
 
     Call after backward (after DDP's gradient averaging and after a GradScaler's ``unscale_``)
     and before ``optimizer.step()``: the step is then the step on L + L_GA^I, weight decay and
     momentum included. A parameter without a gradient gets the noise alone, as the loss form
-    would give it. Returns the loss-form value gamma * sum_p s_p <r_p, theta_p> at the current
-    parameters, for logging: a 0-dim float64 tensor on the parameters' device (no host sync).
+    would give it. Returns the loss-form value at the current parameters, for logging: a 0-dim
+    float64 tensor on the parameters' device (no host sync).
     """
+    noise = draw_isotropic_noise(params, kind, seed, iteration) if kind != "none" else None
     values = []
-    for p, r in zip(params, draw_isotropic_noise(params, kind, seed, iteration), strict=True):
-        coefficient = _coefficient(p, gamma, scale)
+    for k, (p, a) in enumerate(
+        zip(params, isotropic_coefficients(params, gamma, scale, cumulative))
+    ):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad.add_(r, alpha=coefficient)
-        values.append(coefficient * torch.vdot(r.flatten(), p.detach().flatten()).double())
+        if noise is not None:
+            p.grad.add_(noise[k], alpha=a)
+            values.append(a * torch.vdot(noise[k].flatten(), p.detach().flatten()).double())
+        if drift:
+            p.grad.add_(a)
+            values.append(a * p.detach().sum().double())
     return torch.stack(values).sum() if values else torch.zeros((), dtype=torch.float64)
 
 
 def isotropic_gradient_augmentation_loss(
-    params: list[torch.Tensor], noise: list[torch.Tensor], gamma: float, scale: str = "mean"
+    params: list[torch.Tensor],
+    noise: list[torch.Tensor] | None,
+    gamma: float,
+    scale: str = "mean",
+    *,
+    cumulative: bool = False,
+    drift: bool = False,
 ) -> torch.Tensor:
-    """The loss form L_GA^I = gamma * sum_p s_p <r_p, theta_p> (s_p as in the noise form).
+    """The loss form sum_p a_p (<r_p, theta_p> [+ sum(theta_p) with ``drift``]), a_p from
+    ``isotropic_coefficients`` (the paper's L_GA^I = gamma * sum_p s_p <r_p, theta_p> by
+    default); ``noise`` None leaves the r term out.
 
     params, noise: matching lists of tensors -> scalar, differentiable w.r.t. params. Training
     uses ``add_isotropic_gradient_noise``, which gives the same update without this graph.
     """
-    return sum(
-        _coefficient(p, gamma, scale) * (r * p).sum() for p, r in zip(params, noise, strict=True)
-    )
+    coefficients = isotropic_coefficients(params, gamma, scale, cumulative)
+    total = params[0].new_zeros(())
+    for k, (p, a) in enumerate(zip(params, coefficients)):
+        if noise is not None:
+            total = total + a * (noise[k] * p).sum()
+        if drift:
+            total = total + a * p.sum()
+    return total
 
 
 # --------------------------------------------------------------------------- baselines
@@ -228,9 +273,9 @@ def add_arguments(parser, add_bool) -> None:
     g.add_argument(
         "--ga_iso_noise",
         default="gaussian",
-        choices=ISOTROPIC_NOISE,
-        help="distribution of L_GA^I's r: N(0, I) (the GA code), unit-variance uniform, or "
-        "uniform on the sphere of radius sqrt(numel) per tensor",
+        choices=(*ISOTROPIC_NOISE, "none"),
+        help="distribution of L_GA^I's r: N(0, I) (the GA code), unit-variance uniform, "
+        "uniform on the sphere of radius sqrt(numel) per tensor, or none (the drift alone)",
     )
     g.add_argument(
         "--ga_iso_scale",
@@ -239,6 +284,23 @@ def add_arguments(parser, add_bool) -> None:
         help="mean: gamma * <r_p, theta_p> / numel(p) per tensor (the GA code); sum: the plain "
         "gamma * <r, theta>",
     )
+    g.add_argument(
+        "--ga_iso_form",
+        default="paper",
+        choices=ISOTROPIC_FORMS,
+        help="paper: gamma * sum_p s_p <r_p, theta_p>; public: the GA code's --random_grad, "
+        "which also counts the k-th of N tensors N - k times (cumulative) and adds "
+        "gamma * mean(theta_p) per count (drift). --ga_iso_cumulative and --ga_iso_drift "
+        "switch these parts on or off (default: as the form)",
+    )
+    for part in ("cumulative", "drift"):
+        g.add_argument(
+            f"--ga_iso_{part}",
+            default=None,
+            choices=["on", "off"],
+            help=f"L_GA^I's {part} part of the public form (default: on with --ga_iso_form "
+            "public, off with paper)",
+        )
     g.add_argument(
         "--fgsm_eps",
         type=float,
@@ -259,6 +321,11 @@ def resolve_arguments(parser, args) -> None:
     for name, default in GA_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default if args.ga else 0.0)
+    for part in ("cumulative", "drift"):
+        if getattr(args, f"ga_iso_{part}") is None:
+            setattr(args, f"ga_iso_{part}", "on" if args.ga_iso_form == "public" else "off")
+    if args.ga_iso_noise == "none" and args.ga_iso_drift == "off" and args.ga_iso_gamma > 0:
+        parser.error("--ga_iso_noise none without the drift leaves L_GA^I nothing to add")
     for name in (*GA_DEFAULTS, "fgsm_eps", "l1_weight", "l2_weight"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):

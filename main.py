@@ -535,6 +535,31 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+
+
+@torch.no_grad()
+def scale_norms(model) -> dict[str, torch.Tensor]:
+    """What a drift on the parameters (the public L_GA^I's mean(theta) term) would shrink:
+    'bn_weight_norm', the l2 norm of all batch-norm weights together, and 'norm_scale', the
+    learnable scale of the normalization layer, where the model has them."""
+    weights = [
+        m.weight for m in model.modules() if isinstance(m, BATCH_NORMS) and m.weight is not None
+    ]
+    out = {}
+    if weights:
+        out["bn_weight_norm"] = torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights]))
+    scale = getattr(getattr(model, "normalization_layer", None), "norm_s", None)
+    if isinstance(scale, torch.nn.Parameter):
+        out["norm_scale"] = scale.detach()
+    return out
+
+
 def cir_forward(model, batch, args, device, adv_input=None) -> dict:
     """One training forward of composed image retrieval (the task contract of main.py).
 
@@ -631,8 +656,9 @@ def train_step(
         scaler.unscale_(optimizer)
     if args.ga_iso_gamma > 0:  # L_GA^I as gradient noise, after DDP has averaged the gradients
         terms["ga_iso"] = ga.add_isotropic_gradient_noise(
-            params, args.ga_iso_gamma, args.ga_iso_noise, args.ga_iso_scale, args.seed, iteration
-        )
+            params, args.ga_iso_gamma, args.ga_iso_noise, args.ga_iso_scale, args.seed, iteration,
+            cumulative=args.ga_iso_cumulative == "on", drift=args.ga_iso_drift == "on",
+        )  # fmt: skip
         total = total + terms["ga_iso"]
     grads = [p.grad for p in params if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -810,7 +836,7 @@ def train(
                 averages, signum = agree_on_log(totals, stop.signum, context)
                 averages = {name: value / count for name, value in averages.items()}
                 if run is not None:
-                    for name, value in averages.items():
+                    for name, value in {**averages, **scale_norms(module)}.items():
                         run.writer.add_scalar(f"train/{name}", value, iteration)
                     run.writer.add_scalar("train/lr", lr, iteration)
                 progress.set_postfix(loss=f"{averages['total']:.4f}", lr=f"{lr:.1e}", refresh=False)

@@ -84,7 +84,16 @@ SWEEP_DEFAULTS = {
     "sweep_eps": ("A", [0.0, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]),
     "sweep_gamma": ("I", [0.0, 1e-3, 1e-2, 1e-1, 1.0]),
 }
-TABLES = ("ablation", "ga_vs_fgsm", "iso_vs_l1l2", "main", "sweep_eps", "sweep_gamma")
+TABLES = ("ablation", "ga_vs_fgsm", "iso_vs_l1l2", "iso_forms", "main", "sweep_eps", "sweep_gamma")
+# iso_forms: L_GA^I as the paper writes it against the public GA code's --random_grad and its
+# parts (gradient_augmentation.add_isotropic_gradient_noise).
+ISO_FORMS = (
+    ("baseline", (), ()),
+    ("L_GA^I, paper form", ("I",), ()),
+    ("L_GA^I, public form", ("I",), ("--ga_iso_form", "public")),
+    ("drift only (no noise)", ("I",), ("--ga_iso_form", "public", "--ga_iso_noise", "none")),
+    ("cumulative noise, no drift", ("I",), ("--ga_iso_form", "public", "--ga_iso_drift", "off")),
+)
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,7 @@ NOT_IDENTITY = {
     "log_every",
 }
 TIMING_JSON = "timing.json"
+PAIRED = ("M_t", "M_s", "WHM")  # the paired differences with the first row, per seed
 GA_ALL = ("S", "A", "I")
 
 
@@ -147,6 +157,7 @@ class Row:
     use_bert: bool = False
     paper_method: str | None = None  # the method name in paper_results.csv (None: not there)
     sweep_value: float | None = None
+    flags: tuple[str, ...] = ()  # further main.py flags of the row (the L_GA^I form's)
 
 
 @dataclass
@@ -194,6 +205,9 @@ def table_rows(table: str, dataset: str, opts) -> list[Row]:
             row("baseline + L2", ("L2",)),
             row("baseline + L_GA^I", ("I",)),
         ]
+    if table == "iso_forms":
+        return [Row(label, model, {t: values[t] for t in terms}, flags=flags)
+                for label, terms, flags in ISO_FORMS]  # fmt: skip
     if table == "main":
         rows = []
         models = [("Concatenation", "concat", False)] if dataset == "css3d" else []
@@ -275,7 +289,7 @@ def row_argv(row: Row, opts, extra: list[str]) -> list[str]:
         argv += [f"--{flag}", f"{row.terms.get(term, 0.0):g}"]
     if row.use_bert:
         argv += ["--use_bert", "True"]
-    return argv + protocol_flags(opts, extra) + list(extra)
+    return argv + list(row.flags) + protocol_flags(opts, extra) + list(extra)
 
 
 def _parse_main_args(argv: list[str]):
@@ -325,8 +339,12 @@ def row_key(row: Row, parsed, argv: list[str]) -> str:
     settings = identity(parsed) if parsed is not None else argv
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
     bert = "-bert" if row.use_bert else ""
+    form = "".join(
+        f"-{name.removeprefix('--ga_iso_')}{value}"
+        for name, value in zip(row.flags[::2], row.flags[1::2], strict=True)
+    )
     it = parsed.num_iters if parsed is not None else "?"
-    return f"{row.model}{bert}_{terms}_{it}it_{digest[:8]}"
+    return f"{row.model}{bert}_{terms}{form}_{it}it_{digest[:8]}"
 
 
 # --------------------------------------------------------------------------- run state
@@ -604,6 +622,7 @@ def collect(runs: list[PlannedRun], opts) -> list[dict]:
             }
         )
     out = []
+    first = {s["seed"]: s for s in rows[order[0]]["seeds"]} if order else {}
     for label in order:
         entry = rows[label]
         seeds = entry["seeds"]
@@ -611,6 +630,11 @@ def collect(runs: list[PlannedRun], opts) -> list[dict]:
         stats = {k: _mean_std([s["metrics"].get(k) for s in seeds]) for k in ks}
         for key in ("M_t", "M_s", "WHM", "seconds_per_iteration"):
             stats[key] = _mean_std([s[key] for s in seeds])
+        if label != order[0]:  # paired by seed: this row minus the first row
+            for key in PAIRED:
+                stats["Δ" + key] = _mean_std(
+                    [s[key] - first[s["seed"]][key] for s in seeds if s["seed"] in first]
+                )
         entry["stats"] = stats
         entry["synthetic"] = any(s["synthetic"] for s in seeds)
         out.append(entry)
@@ -627,7 +651,10 @@ def markdown(results: list[dict], opts) -> str:
     has_paper_time = any("train_time_s_per_epoch" in r["paper"] for r in results)
     base = results[0]["stats"]["seconds_per_iteration"][0] if results else None
     paper_base = results[0]["paper"].get("train_time_s_per_epoch") if results else None
-    head = ["row", *ks, "avg (M_t)", "M_s", "WHM", "s/100 it", "time ×row 1"]
+    paired = any("Δ" + key in r["stats"] for r in results for key in PAIRED)
+    head = ["row", *ks, "avg (M_t)", "M_s", "WHM"]
+    head += [f"Δ{key} vs row 1" for key in PAIRED] if paired else []
+    head += ["s/100 it", "time ×row 1"]
     if has_paper:
         head += [f"paper {k}" for k in ks] + ["paper avg"]
     if has_paper_time:
@@ -640,6 +667,8 @@ def markdown(results: list[dict], opts) -> str:
         cells = [r["label"] + ("" if r["seeds"] else " (no finished run)")]
         cells += [_cell(*s.get(k, (None, None))) for k in ks]
         cells += [_cell(*s["M_t"]), _cell(*s["M_s"]), _cell(*s["WHM"])]
+        if paired:
+            cells += [_cell(*s.get("Δ" + key, (None, None)), digits=2) for key in PAIRED]
         cells += [_cell(*(v * 100 if v is not None else None for v in spi)), _cell(ratio, None, 2)]
         if has_paper:
             cells += [_cell(r["paper"].get(k), None) for k in ks] + [
@@ -676,7 +705,8 @@ def markdown(results: list[dict], opts) -> str:
         "",
         "Recall in percent, mean ± sample std over seeds, at the final evaluation; M_t is the "
         "mean test recall (the paper's avg), M_s the mean recall on the fixed training sample, "
-        "WHM at α 0.5. s/100 it: training time from TensorBoard's wall clock, evaluations "
+        "WHM at α 0.5. Δ: the paired difference with row 1, seed by seed (mean ± sample std). "
+        "s/100 it: training time from TensorBoard's wall clock, evaluations "
         f"excluded (machine-dependent: compare ratios). Paper numbers: {whm_lib.PAPER_RESULTS_CSV}"
         f" (GA paper, Huang et al., IEEE TMM 2022).",
         "",
@@ -745,6 +775,38 @@ def plot(results: list[dict], opts, path: str) -> str:
     ax.set_ylabel("recall (%)")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, loc="upper left", ncol=3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_scale_norms(results: list[dict], opts, path: str) -> str:
+    """iso_forms: the TensorBoard curves train/bn_weight_norm and train/norm_scale of each row
+    (mean over its seeds), to see whether the public form's drift shrinks them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for r in results:
+        for ax, tag in zip(axes, ("train/bn_weight_norm", "train/norm_scale"), strict=True):
+            curves = {}
+            for seed in r["seeds"]:
+                for _, name, step, _, value in _tb_events(seed["run_dir"]):
+                    if name == tag:
+                        curves.setdefault(step, []).append(value)
+            if curves:
+                steps = sorted(curves)
+                ax.plot(steps, [sum(curves[t]) / len(curves[t]) for t in steps], label=r["label"])
+    for ax, title in zip(axes, ("batch-norm weights, l2 norm", "normalization layer scale")):
+        ax.set_title(f"{title} (mean over seeds)", fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    synthetic = ", SYNTHETIC CSS" if any(r["synthetic"] for r in results) else ""
+    fig.suptitle(f"{opts.table}, {opts.dataset}, {opts.num_iters} it{synthetic}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -863,12 +925,12 @@ def main(argv=None) -> list[dict] | None:
         )
     if any(r["seeds"] for r in results):
         plot(results, opts, stem + ".png")
+        if opts.table == "iso_forms":
+            plot_scale_norms(results, opts, stem + "_scale_norms.png")
     print()
     print(text)
-    print(
-        f"\nwritten: {stem}.md, {stem}.json"
-        + (f", {stem}.png" if os.path.isfile(stem + ".png") else "")
-    )
+    written = [stem + ".md", stem + ".json", stem + ".png", stem + "_scale_norms.png"]
+    print(f"\nwritten: {', '.join(p for p in written if os.path.isfile(p))}")
     failed = [r for r in runs if r.status not in ("done", "unavailable")]
     if failed:
         print(f"{len(failed)} run(s) failed; their logs are named above", file=sys.stderr)

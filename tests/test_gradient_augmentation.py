@@ -228,6 +228,41 @@ def test_training_step_adversarial_term_against_a_direct_computation(input_kind)
     assert weight_grad.abs().sum() > 0
 
 
+def ga_code_gpenalty(inputs, loss, lam, q):
+    """The public GA code's ``gPenalty`` (its main.py), as written there."""
+    bs, c, h, w = inputs.size()
+    d_in = c * h * w
+    g = torch.autograd.grad(loss, inputs, create_graph=True)[0] * bs
+    g = g.view(bs, -1)
+    qnorms = g.norm(q, 1).mean()
+    lam = lam * math.pow(d_in, 1.0 - 1.0 / q)
+    return lam * qnorms.mean() / 2.0
+
+
+def test_training_step_adversarial_term_equals_the_ga_codes_gpenalty():
+    """--ga_adv_eps 1e-6 --ga_adv_q 1 (the --ga defaults) is gPenalty(img1, loss, lam=1e-6, q=1)
+    on the same graph: the value train_step logs, and the term's own parameter gradient."""
+    torch.manual_seed(3)
+    model = TinyComposer().eval()
+    batch = make_batch()
+    args = ga_args("--ga", "--ga_iso_gamma", "0")
+    assert (args.ga_adv_eps, args.ga_adv_q, args.sim_weight) == (1e-6, 1.0, 1e-3)
+    values, stepped = sgd_step(model, batch, args)
+    source = torch_function.normalize_images(batch["source_img_data"]).requires_grad_()
+    target = torch_function.normalize_images(batch["target_img_data"])
+    loss = reference_data_loss(model(source, batch["mod"], target), args)
+    penalty = ga_code_gpenalty(source, loss, lam=1e-6, q=1)
+    (x_grad,) = torch.autograd.grad(loss, source, create_graph=True)
+    ours = ga.adversarial_gradient_augmentation(x_grad, args.ga_adv_eps, args.ga_adv_q)
+    torch.testing.assert_close(ours, penalty, rtol=1e-6, atol=0)
+    assert_gradients(
+        [g for g in torch.autograd.grad(ours, list(model.parameters()), retain_graph=True)],
+        penalty, model, rtol=1e-5, atol=1e-14,
+    )  # fmt: skip
+    torch.testing.assert_close(values["ga_adv"], penalty.detach(), rtol=1e-5, atol=0)
+    assert_gradients(stepped, loss + penalty, model)
+
+
 # --------------------------------------------------------------------------- L_GA^I
 
 
@@ -328,6 +363,66 @@ def test_isotropic_gradient_noise_gives_the_loss_forms_update(kind, scale, dtype
         for a, b in zip(params_loss, params_noise):
             torch.testing.assert_close(a, b, rtol=1e-12 if exact else 1e-6, atol=1e-14)
     assert not torch.equal(unused[1], torch.zeros(3))  # the unused parameter moved by gamma*r
+
+
+def ga_code_random_grad(model, loss_value, noise, drift=True, cumulative=True):
+    """The public GA code's ``--random_grad`` loop (training_1_iter), with torch.randn_like(p)
+    replaced by the given draws; ``drift``/``cumulative`` False drop its mean(p) term / its
+    running sum, the two parts --ga_iso_drift and --ga_iso_cumulative switch."""
+    regularization_loss = 0
+    for (_name, parms), r in zip(model.named_parameters(), noise, strict=True):
+        term = (r * parms).mean().mean().mean() if r is not None else 0
+        if drift:
+            term = term + parms.mean().mean().mean()
+        regularization_loss = (regularization_loss if cumulative else 0) + term
+        loss_value = loss_value + 0.01 * regularization_loss
+    return loss_value
+
+
+@pytest.mark.parametrize(
+    "flags, noise, drift, cumulative",
+    [
+        ([], True, False, False),  # the paper's form
+        (["--ga_iso_form", "public"], True, True, True),
+        (["--ga_iso_form", "public", "--ga_iso_noise", "none"], False, True, True),
+        (["--ga_iso_form", "public", "--ga_iso_drift", "off"], True, False, True),
+        (["--ga_iso_cumulative", "on"], True, False, True),
+        (["--ga_iso_form", "public", "--ga_iso_cumulative", "off"], True, True, False),
+    ],
+)
+def test_isotropic_forms_equal_the_ga_codes_loop(flags, noise, drift, cumulative):
+    """train_step with --ga_iso_gamma 0.01 and each form steps by the gradient of L plus the GA
+    code's loop over named_parameters() (its order, counting and drift)."""
+    torch.manual_seed(6)
+    model = TinyComposer().eval()
+    batch = make_batch()
+    args = ga_args("--ga_iso_gamma", "0.01", "--seed", "5", *flags)
+    values, stepped = sgd_step(model, batch, args, iteration=11)
+    params = [p for p in model.parameters() if p.requires_grad]
+    draws = ga.draw_isotropic_noise(params, "gaussian", 5, 11) if noise else [None] * len(params)
+    source = torch_function.normalize_images(batch["source_img_data"])
+    target = torch_function.normalize_images(batch["target_img_data"])
+    loss = reference_data_loss(model(source, batch["mod"], target), args)
+    literal = ga_code_random_grad(model, loss, draws, drift=drift, cumulative=cumulative)
+    torch.testing.assert_close(
+        values["ga_iso"].float(), (literal - loss).detach(), rtol=1e-5, atol=1e-7
+    )
+    # (stepped = theta - (theta - g) in float32 carries theta's rounding: atol 1e-6)
+    assert_gradients(stepped, literal, model, atol=1e-6)
+    if drift and cumulative:  # the first tensor of N gets the constant 0.01 * N / numel
+        n, first = len(params), params[0]
+        drift_only = ga_code_random_grad(model, loss, [None] * n) - loss
+        (g,) = torch.autograd.grad(drift_only, first)
+        torch.testing.assert_close(g, torch.full_like(first, 0.01 * n / first.numel()))
+
+
+def test_isotropic_form_flags():
+    args = ga_args("--ga", "--ga_iso_form", "public")
+    assert (args.ga_iso_cumulative, args.ga_iso_drift) == ("on", "on")
+    args = ga_args("--ga")
+    assert (args.ga_iso_form, args.ga_iso_cumulative, args.ga_iso_drift) == ("paper", "off", "off")
+    with pytest.raises(SystemExit):  # nothing left to add
+        ga_args("--ga", "--ga_iso_noise", "none")
 
 
 def test_l1_and_l2_against_plain_loops():
@@ -506,6 +601,8 @@ def test_ga_run_logs_every_term(tmp_path):
         values = scalars[f"train/{term}"]
         assert len(values) == 4 and all(math.isfinite(v) for v in values), term
     assert all(v > 0 for v in scalars["train/ga_adv"])
+    for name in ("bn_weight_norm", "norm_scale"):  # what the public form's drift would shrink
+        assert len(scalars[f"train/{name}"]) == 4 and all(v > 0 for v in scalars[f"train/{name}"])
     with open(run_dir / "args.json") as f:
         saved = json.load(f)
     assert saved["ga_adv_eps"] == 1e-6 and saved["ga_iso_scale"] == "mean"
@@ -549,3 +646,21 @@ def test_ga_step_on_cuda_agrees_with_cpu(precision):
     tolerance = 1e-3 if precision == "fp32" else 0.1
     for name in ("ce", "sim", "ga_adv", "total"):
         assert values["cuda"][name] == pytest.approx(values["cpu"][name], rel=tolerance), name
+
+
+def test_scale_norms_against_a_loop_over_the_modules():
+    import torchvision
+
+    model = torch.nn.Sequential(torchvision.models.resnet18(), torch.nn.BatchNorm1d(1000))
+    model.normalization_layer = torch_function.NormalizationLayer(3.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-1, 1)
+    squares = 0.0
+    for module in model.modules():
+        if type(module).__name__.startswith("BatchNorm"):
+            squares += sum(w * w for w in module.weight.flatten().tolist())
+    norms = main.scale_norms(model)
+    assert norms["bn_weight_norm"].item() == pytest.approx(math.sqrt(squares), rel=1e-5)
+    assert norms["norm_scale"].item() == pytest.approx(model.normalization_layer.norm_s.item())
+    assert main.scale_norms(torch.nn.Linear(2, 2)) == {}

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 
@@ -268,3 +269,42 @@ def test_sweep_table_and_plot_from_collected_results(tmp_path):
     assert cells[-2:] == ["150.0", "3.00"]  # s/100 it, and the time ratio to the first row
     path = reproduce.plot(results, opts, str(tmp_path / "sweep.png"))
     assert os.path.getsize(path) > 10_000
+
+
+def test_iso_forms_rows_their_flags_paired_differences_and_scale_norm_plot(tmp_path):
+    opts, extra = reproduce.parse_args(["--table", "iso_forms", "--num_iters", "5"])
+    expected = [  # (gamma, form, noise, drift, cumulative) as main.py resolves each row
+        (0.0, "paper", "gaussian", "off", "off"),
+        (0.01, "paper", "gaussian", "off", "off"),
+        (0.01, "public", "gaussian", "on", "on"),
+        (0.01, "public", "none", "on", "on"),
+        (0.01, "public", "gaussian", "off", "on"),
+    ]
+    rows = reproduce.table_rows("iso_forms", "css3d", opts)
+    keys = set()
+    for row, want in zip(rows, expected, strict=True):
+        argv = reproduce.row_argv(row, opts, extra)
+        parsed, error = reproduce._parse_main_args(argv)
+        assert error is None
+        got = (parsed.ga_iso_gamma, parsed.ga_iso_form, parsed.ga_iso_noise,
+               parsed.ga_iso_drift, parsed.ga_iso_cumulative)  # fmt: skip
+        assert got == want, row.label
+        keys.add(reproduce.row_key(row, parsed, argv))
+    assert len(keys) == 5
+
+    # rows 1 and 3 (baseline, public form) for two seeds, run for real at a tiny size
+    out = tmp_path / "out"
+    argv = ["--table", "iso_forms", "--num_iters", "2", "--rows", "1", "3", "--seeds", "0", "1",
+            "--out", str(out), "--in_process", *tiny_flags(tmp_path)]  # fmt: skip
+    baseline, public = reproduce.main(argv)
+    table = (out / "iso_forms_css3d.md").read_text()
+    line = next(t for t in table.splitlines() if t.startswith("| L_GA^I, public form |"))
+    header = next(t for t in table.splitlines() if t.startswith("| row |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = dict(zip(columns, [c.strip() for c in line.strip("|").split("|")], strict=True))
+    for key in ("M_t", "M_s", "WHM"):
+        diffs = [p[key] - b[key] for p, b in zip(public["seeds"], baseline["seeds"], strict=True)]
+        mean = sum(diffs) / 2
+        std = math.sqrt(sum((d - mean) ** 2 for d in diffs))
+        assert cells[f"Δ{key} vs row 1"] == f"{mean:.2f} ± {std:.2f}"
+    assert (out / "iso_forms_css3d_scale_norms.png").stat().st_size > 10_000
