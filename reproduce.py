@@ -20,6 +20,10 @@ Tables (rows switch the GA terms and the paper's baselines on with the values of
 - ``ablation``: L_CE with every subset of L_S, L_GA^A and L_GA^I (8 rows);
 - ``ga_vs_fgsm``: baseline, + FGSM adversarial training, + L_GA^A;
 - ``iso_vs_l1l2``: baseline, + L1, + L2, + L_GA^I;
+- ``iso_forms``: baseline, L_GA^I in the paper's form, in the GA code's public form, its drift
+  alone, its cumulative noise without drift (``ISO_FORMS``); the table adds the paired differences
+  with row 1 and ``<table>_<dataset>_scale_norms.png`` the batch-norm weight norm and the
+  normalization scale over training;
 - ``main``: the paper's models for the dataset that this code has (Concatenation, TIRG,
   ComposeAE, with and without GA; BERT rows where --use_bert works);
 - ``sweep_eps`` / ``sweep_gamma``: L_CE + L_GA^A (or + L_GA^I) over ``--sweep_values`` (at the
