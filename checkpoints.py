@@ -9,12 +9,15 @@ its TensorBoard writer; ``StopOnSignal`` turns SIGINT/SIGTERM into a checkpoint 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import multiprocessing
 import os
 import re
 import shlex
 import signal
+import socket
+import sys
 import threading
 import time
 
@@ -199,11 +202,17 @@ def adopt_training_settings(parser, args, given: set[str]) -> None:
         setattr(args, key, value)
 
 
+def _printable(text: str, keep_newlines: bool = False) -> str:
+    """``text`` without terminal escape codes and control characters (what a file says)."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]", "", text)
+    return text if keep_newlines else text.replace("\n", " ")
+
+
 def _load_failure(error: Exception) -> str:
     """Why torch.load refused a file, for people: the global a pickle names (never torch's hint
     to load it with weights_only=False, which would run it), without the terminal escape codes
     a hostile file can put into the message."""
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]", "", str(error))
+    text = _printable(str(error), keep_newlines=True)
     refused = re.search(r"GLOBAL (\S+)", text)
     if refused:
         return f"it names the Python global {refused.group(1)}, refused without running it"
@@ -275,6 +284,12 @@ def find_resume_checkpoint(args) -> str | None:
                 f"--resume {args.resume}: {path} does not exist (expected a run folder holding "
                 f"latest.pt, a checkpoint file, or 'auto')"
             )
+        holder = lock_run_folder(os.path.dirname(os.path.abspath(path)))
+        if holder:
+            raise RunError(
+                f"--resume {args.resume}: {os.path.dirname(os.path.abspath(path))} is in use by "
+                f"another run ({holder}); wait for it to end, or stop it first"
+            )
         return path
     pattern = run_dir_pattern(args.comment)
     candidates = []
@@ -288,7 +303,11 @@ def find_resume_checkpoint(args) -> str | None:
     for _, checkpoint in sorted(candidates, reverse=True):
         differences = argument_differences(os.path.dirname(checkpoint), args)
         if not differences:
-            return checkpoint
+            holder = lock_run_folder(os.path.dirname(checkpoint))
+            if not holder:
+                return checkpoint
+            reason = f"{os.path.dirname(checkpoint)} is in use by another run ({holder})"
+            break
         if reason.startswith("no run"):
             reason = (
                 f"the newest run of --comment {args.comment}, {os.path.dirname(checkpoint)}, "
@@ -296,6 +315,44 @@ def find_resume_checkpoint(args) -> str | None:
             )
     print(f"--resume auto: {reason}; starting a new run")
     return None
+
+
+# ----------------------------------------------------------------------- the run folder's lock
+#
+# A run holds an exclusive flock on <run>/.lock for as long as it writes there, so that two
+# processes never resume into one folder (duplicate metrics, lost TensorBoard events, one run's
+# cleanup deleting the other's checkpoint in progress). The kernel drops the lock when the
+# process ends, however it ends; the file keeps who held it last.
+LOCK_FILE = ".lock"
+_held: dict[str, int] = {}  # folder -> file descriptor of the lock this process holds
+
+
+def lock_run_folder(folder: str) -> str | None:
+    """Take ``folder``'s lock: None when this process holds it now, else who holds it."""
+    folder = os.path.abspath(folder)
+    if folder in _held:
+        return None
+    fd = os.open(os.path.join(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        return _printable(holder)
+    os.ftruncate(fd, 0)
+    holder = (
+        f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
+    os.write(fd, f"{holder}: {' '.join(sys.argv)}\n".encode())
+    _held[folder] = fd
+    return None
+
+
+def release_run_folders() -> None:
+    """Give up every run folder lock of this process (also done by the kernel at exit)."""
+    for fd in _held.values():
+        os.close(fd)
+    _held.clear()
 
 
 # Keys of args.json that a resumed run may differ in: how it was resumed, and what the run sets
@@ -341,7 +398,8 @@ class Run:
             self.dir = resume_dir
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            base = os.path.join(args.log_dir, f"{stamp}_{args.comment}")
+            # absolute, as a resumed run's: the same folder is always printed the same way
+            base = os.path.join(os.path.abspath(args.log_dir), f"{stamp}_{args.comment}")
             os.makedirs(args.log_dir, exist_ok=True)
             self.dir, n = base, 1
             while True:
@@ -350,12 +408,18 @@ class Run:
                     break
                 except FileExistsError:
                     self.dir, n = f"{base}.{n}", n + 1
+        holder = lock_run_folder(self.dir)  # a resumed run's: taken by find_resume_checkpoint
+        if holder:
+            raise RunError(f"{self.dir} is in use by another run ({holder})")
         with open(os.path.join(self.dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=2, sort_keys=True)
         self.writer = SummaryWriter(self.dir, purge_step=purge_step)
 
     def close(self):
         self.writer.close()
+        fd = _held.pop(os.path.abspath(self.dir), None)
+        if fd is not None:
+            os.close(fd)
 
 
 def record_evaluation(

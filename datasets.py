@@ -17,17 +17,28 @@ import os
 import pickle
 import random
 import signal
+import sys
 import warnings
 
 import numpy as np
 import PIL.Image
 import torch
+from tqdm import tqdm
 
 import css_generator
 from css_generator import render_2d
 
 CSS_NPY = "css_toy_dataset_novel2_small.dup.npy"
 SYNTHETIC_MARKER = "SYNTHETIC.json"
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar. In a log file (stderr is not a terminal: nohup, a batch job) it is redrawn at
+    most every 30 s, so that the log shows progress without a line per batch."""
+    if not (kwargs.get("file") or sys.stderr).isatty():
+        kwargs.setdefault("mininterval", 30.0)
+        kwargs["maxinterval"] = max(kwargs["mininterval"], kwargs.get("maxinterval", 10.0))
+    return tqdm(iterable, **kwargs)
 
 
 class DatasetFormatError(ValueError):
@@ -546,9 +557,9 @@ class CSSDataset(BadImagePolicy, BaseDataset):
             return PIL.Image.fromarray(render_2d(self.imgs[idx]["objects"]))
         file = self.image_path(idx)
         if not os.path.isfile(file):
-            raise FileNotFoundError(
-                f"CSS image missing: {file} (the images/ folder exists, "
-                f"so every image of the split is expected there)"
+            raise BadImageError(
+                f"{file}: image file missing (the images/ folder exists, so every image of the "
+                f"split is expected there)"
             )
         return load_rgb_image(file, self.max_image_pixels)
 

@@ -34,7 +34,6 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import datasets
 import test_retrieval
@@ -524,12 +523,16 @@ def encode_split(model: ESAModel, dataset, image_ids, caption_ids, device, batch
     image and caption encoded once (model in eval mode, under no_grad: main's job)."""
     image_ids, caption_ids = list(image_ids), list(caption_ids)
     images = []
-    for start in tqdm(range(0, len(image_ids), batch_size), desc="encode images", leave=False):
+    for start in datasets.progress(
+        range(0, len(image_ids), batch_size), desc="encode images", leave=False
+    ):
         regions = dataset.region_features(image_ids[start : start + batch_size]).to(device)
         images.append(model.img_enc(regions).float())
     captions = []
     texts = [dataset.captions[i] for i in caption_ids]
-    for start in tqdm(range(0, len(texts), batch_size), desc="encode captions", leave=False):
+    for start in datasets.progress(
+        range(0, len(texts), batch_size), desc="encode captions", leave=False
+    ):
         captions.append(
             model.encode_captions_from_texts(texts[start : start + batch_size], device).float()
         )
@@ -606,8 +609,6 @@ def evaluate(model, trainset, testset, args, device) -> dict:
         )
     )  # fmt: skip
     all_images, all_captions = range(testset.n_images), range(len(testset.captions))
-    pairs = [
-        encode_split(m, testset, all_images, all_captions, device, batch_size) for m in models
-    ]
+    pairs = [encode_split(m, testset, all_images, all_captions, device, batch_size) for m in models]
     test = _test_metrics(_feature_scores(pairs), testset.n_images, testset)
     return {"train": train, "test": test}

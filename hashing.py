@@ -26,7 +26,6 @@ import os
 import torch
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 import datasets
 import test_retrieval
@@ -355,7 +354,7 @@ def encode_codes(model, dataset, args, device: torch.device, desc: str) -> torch
         worker_init_fn=datasets.worker_init if workers else None,
     )
     codes = []
-    for images in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 4):
+    for images in datasets.progress(loader, desc=desc, leave=False, disable=len(loader) < 4):
         codes.append(binarize(model(normalize_images(images.to(device)))).cpu())
     return torch.cat(codes)
 

@@ -808,16 +808,8 @@ def train(
     totals: dict[str, torch.Tensor] = {}
     result = None
     model.train()
-    # Shown on a terminal as usual; in a log file (nohup, a batch job) refreshed every 30 s, so
-    # the log shows progress without a line per step.
-    refresh = 0.1 if sys.stderr.isatty() else 30.0
-    progress = tqdm(
-        total=len(loader),
-        desc="train",
-        dynamic_ncols=True,
-        disable=not context.is_main,
-        mininterval=refresh,
-        maxinterval=max(refresh, 10.0),  # tqdm's monitor thread refreshes at this interval
+    progress = datasets.progress(  # in a log file: redrawn every 30 s
+        total=len(loader), desc="train", dynamic_ncols=True, disable=not context.is_main
     )
     iteration = start_iteration
     with checkpoints.StopOnSignal() as stop, progress:
@@ -933,6 +925,7 @@ def main(argv=None) -> dict | None:
         raise SystemExit(128 + e.signum) from None
     finally:
         checkpoints.stop_workers()  # an error must end the process, not wait on its workers
+        checkpoints.release_run_folders()
 
 
 def _on_rank_zero(fn, context):

@@ -33,9 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from datasets import worker_init
+from datasets import progress, worker_init
 from torch_function import normalize_images
 
 GALLERY_CHUNK_BYTES = 256 * 2**20
@@ -95,7 +94,7 @@ def _top_k_chunks(queries, gallery, k, exclude, chunk_size, desc):
     k = min(k, n_gallery)
     fetch = min(k + 1, n_gallery)  # one more: tells whether the k-th item ties with an unseen one
     starts = range(0, n_queries, chunk_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 8):
+    for start in progress(starts, desc=desc, leave=False, disable=len(starts) < 8):
         stop = min(start + chunk_size, n_queries)
         similarities = queries[start:stop] @ gallery.T
         if exclude is not None:
@@ -276,7 +275,7 @@ def encode_images(
     )
     features = [
         model.extract_img_feature(normalize_images(images.to(device, non_blocking=True)))
-        for images in tqdm(loader, desc=f"encode {desc}", leave=False, disable=len(loader) < 2)
+        for images in progress(loader, desc=f"encode {desc}", leave=False, disable=len(loader) < 2)
     ]
     return torch.cat(features).float()
 
@@ -310,7 +309,7 @@ def compose_queries(
             worker_init_fn=worker_init,
         )
         for b, images in enumerate(
-            tqdm(loader, desc="compose queries", leave=False, disable=len(loader) < 2)
+            progress(loader, desc="compose queries", leave=False, disable=len(loader) < 2)
         ):
             batch_texts = list(texts[b * batch_size : (b + 1) * batch_size])
             out.append(model.compose_img_text(normalize_images(images.to(device)), batch_texts))

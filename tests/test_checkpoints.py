@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -661,3 +662,79 @@ def test_resume_auto_continues_only_a_run_of_the_same_arguments(tmp_path, monkey
     again = main.parse_args(["--ga", "--num_iters", "300", "--resume", "auto",
                              "--log_dir", str(tmp_path / "logs")])  # fmt: skip
     assert find_resume_checkpoint(again) == str(tmp_path / "logs" / run_dir.name / "latest.pt")
+
+
+def test_a_run_folder_in_use_is_never_resumed_twice(data_dir, tmp_path, capsys):
+    """A run resumed in another process holds its folder: --resume PATH is refused naming the
+    holder, --resume auto starts a new run saying why, and once the holder is gone (SIGKILL:
+    the kernel drops the lock) the folder can be resumed again."""
+    log_dir = tmp_path / "logs"
+    main.main(run_argv(data_dir, log_dir, "--num_iters", "1"))
+    (first,) = run_dirs(log_dir)
+    long_run = run_argv(data_dir, log_dir, "--num_iters", "100000", "--eval_every", "100000")
+    holder = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *long_run, "--resume", first],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        lines = []
+        wait_for(lambda: lines.append(holder.stdout.readline()) or "run folder" in lines[-1],
+                 holder, what="the resumed run's folder")  # fmt: skip
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main.main([*long_run, "--resume", first])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{first} is in use by another run (pid {holder.pid} on " in err
+        assert find_resume_checkpoint(main.parse_args([*long_run, "--resume", "auto"])) is None
+        assert f"--resume auto: {first} is in use by another run (pid {holder.pid}" in (
+            capsys.readouterr().out
+        )
+        assert run_dirs(log_dir) == [first]  # nothing written into it by the refused runs
+    finally:
+        holder.kill()
+        holder.wait()
+    args = main.parse_args([*long_run, "--resume", "auto"])
+    assert find_resume_checkpoint(args) == os.path.join(first, "latest.pt")
+    checkpoints.release_run_folders()
+
+
+def test_an_error_with_loader_workers_alive_ends_the_process(data_dir, tmp_path):
+    """A bad image hit by a loader worker under --on_bad_image fail: the run exits 2 naming the
+    file, without waiting on its 2 workers (they ignore SIGTERM, and multiprocessing's exit
+    hook would join them without a timeout)."""
+    import shutil
+
+    css = tmp_path / "css"
+    shutil.copytree(data_dir / "css3d_synthetic_6_seed0", css)
+    os.makedirs(css / "images")  # the 3D version: every image is expected here
+    (css / "images" / "css_train_000000.png").write_bytes(os.urandom(300))
+    argv = [*run_argv(data_dir, tmp_path / "logs", "--num_iters", "1000"), "--dataset_path",
+            str(css), "--on_bad_image", "fail", "--loader_num_workers", "2"]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), *argv], cwd=ROOT, env=subprocess_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 2, err[-2000:]
+    assert "css_train_0000" in err and "Traceback" not in err
+    assert time.monotonic() - started < 90
+
+
+def test_the_run_folder_is_printed_the_same_way_on_start_and_on_resume(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    argv = run_argv(data_dir, "logs", "--num_iters", "1")
+    main.main(argv)
+    first = re.search(r"run folder: (.+)", capsys.readouterr().out).group(1)
+    main.main([*argv[:-2], "--num_iters", "2", "--resume", first])
+    again = re.search(r"run folder: (.+)", capsys.readouterr().out).group(1)
+    assert first == again == str(tmp_path / "logs" / os.path.basename(first))

@@ -101,9 +101,12 @@ def test_2d_render_and_png_images(css_dir):
         PIL.Image.new("RGB", (32, 32), (i, 0, 0)).save(css_dir / "images" / f"css_test_{i:06d}.png")
     ds = datasets.CSSDataset(str(css_dir), "test")
     assert np.asarray(ds.get_img(3))[0, 0, 0] == 3
-    os.remove(css_dir / "images" / "css_test_000004.png")
-    with pytest.raises(FileNotFoundError, match="css_test_000004.png"):
+    os.remove(css_dir / "images" / "css_test_000004.png")  # a missing image is a bad image
+    with pytest.warns(datasets.BadImageWarning, match="css_test_000004.png: image file missing"):
         ds.get_img(4)
+    strict = datasets.CSSDataset(str(css_dir), "test", on_bad_image="fail")
+    with pytest.raises(datasets.BadImageError, match="css_test_000004.png: image file missing"):
+        strict.get_img(4)
 
 
 def test_missing_file_names_the_expected_path(tmp_path):
@@ -262,3 +265,21 @@ def test_bad_css_pngs_fail_naming_the_file(css_with_bad_pngs):
         ds.get_img(3)
     with pytest.raises(ValueError, match="on_bad_image"):
         datasets.CSSDataset(str(css_dir), "test", on_bad_image="ignore")
+
+
+def test_progress_bars_in_a_log_file_are_redrawn_rarely():
+    """In a log file (not a terminal) a bar is drawn at the start and the end only, not every
+    0.1 s; on a terminal it is redrawn as usual."""
+    import io
+    import time
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    redraws = {}
+    for name, file in (("log", io.StringIO()), ("terminal", Terminal())):
+        for _ in datasets.progress(range(40), file=file, desc="encode"):
+            time.sleep(0.02)  # 0.8 s in all
+        redraws[name] = file.getvalue().count("\r")
+    assert redraws["log"] <= 3 < redraws["terminal"], redraws
