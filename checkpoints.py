@@ -496,6 +496,50 @@ def truncate_metrics(run_dir: str, iteration: int) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------- divergence
+
+
+def check_finite(values: dict[str, torch.Tensor], iteration: int, last_good: str | None) -> None:
+    """RunError naming the first non-finite term of a step (one host sync when all are fine).
+
+    In an fp16 step the GradScaler skipped (overflowed gradients), L_GA^A, FGSM's term, the
+    total and the gradient norm may be inf while the loss itself is fine; they are not checked.
+    """
+    skipped = bool(values.get("fp16_skipped", 0))
+    checked = {k: v for k, v in values.items() if not (skipped and k in GRADIENT_TERMS)}
+    if bool(torch.isfinite(torch.stack([v.float() for v in checked.values()])).all()):
+        return
+    name, value = next((k, v.item()) for k, v in checked.items() if not torch.isfinite(v))
+    raise RunError(
+        f"non-finite {'gradient' if name == 'grad_norm' else 'loss'} at iteration {iteration}: "
+        f"term '{name}' = {value}; {_after_divergence(last_good)}"
+    )
+
+
+def _after_divergence(last_good: str | None) -> str:
+    if not last_good:
+        return "stopping (no checkpoint was written yet); try a lower --learning_rate"
+    return (
+        f"stopping (the last good checkpoint is {last_good}: its weights are finite but may have "
+        f"exploded already, so resuming from it can diverge again; prefer best.pt of the run "
+        f"folder, chosen by M_s, and a lower --learning_rate)"
+    )
+
+
+GRADIENT_TERMS = ("ga_adv", "fgsm", "total", "grad_norm")
+
+
+def check_finite_parameters(model, iteration: int, last_good: str | None) -> None:
+    """RunError naming the first non-finite parameter tensor, if any."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise RunError(
+                f"non-finite weights after iteration {iteration}: {name} holds NaN or inf (the "
+                f"update overflowed: is the learning rate too high?); "
+                f"{_after_divergence(last_good)}"
+            )
+
+
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM stopped training after a step; a checkpoint of that step was written."""
 

@@ -1,4 +1,5 @@
-"""Process-group helpers for ``torchrun`` (DistributedDataParallel), and one process without it.
+"""Process-group helpers for ``torchrun`` (DistributedDataParallel), and one process without it;
+the device, the precision (autocast, GradScaler) and the seeds of a run.
 
 ``torchrun`` sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them the run is a single
 process and every helper here is a no-op. With them, ``init`` joins the process group: NCCL with
@@ -15,10 +16,14 @@ classification loss ranks each process's queries against the targets of *all* pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import random
+import signal
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -81,7 +86,7 @@ def process_device(device: torch.device, local_rank: int, cuda_devices: int) -> 
 def init(device: torch.device, environ=None) -> Context:
     """This process's place and device and, under torchrun, its process group.
 
-    device: what the run asked for (``main.pick_device``: cpu or cuda). A CUDA run's process
+    device: what the run asked for (``pick_device``: cpu or cuda). A CUDA run's process
     takes ``cuda:LOCAL_RANK`` and, under torchrun, the NCCL backend; a CPU run uses gloo.
     Raises ValueError for a request that cannot be met (fewer GPUs than processes per node).
     """
@@ -293,3 +298,82 @@ def batch_classification_loss(
     """
     # (N*B, D) with the local targets first: query i's positive stays column i.
     return torch_function.batch_classification_loss(query_features, gather_rows(target_features))
+
+
+def agree_on_log(totals: dict[str, torch.Tensor], signum: int, context) -> tuple[dict, int]:
+    """The summed step values of this log interval, over all ranks, and whether any rank got a
+    stop signal: one all-reduce every --log_every steps, so that every rank logs the global
+    batch's loss and all stop at the same iteration."""
+    names = sorted(totals)
+    data = torch.stack([totals[n].double() for n in names] + [torch.tensor(float(signum))])
+    if context.distributed:
+        data = all_reduce_sum(data.to(context.device), context) / context.world_size
+    data = data.tolist()
+    return dict(zip(names, data)), (signum or int(signal.SIGTERM)) if data[-1] > 0 else 0
+
+
+# ------------------------------------------------------------ devices, precision, seeds
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy and torch (model initialization uses torch's)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def seed_step(seed: int, rank: int, iteration: int) -> None:
+    """Reseed torch (CPU and CUDA) for training step ``iteration`` of process ``rank``.
+
+    Every random draw of a step (dropout masks, soft-triplet negatives) is then a pure function of
+    (seed, rank, iteration), as the training queries are of (seed, index): a resumed run draws
+    what the uninterrupted run drew, whatever evaluation, data loaders or a restart consumed in
+    between, and no RNG state has to be checkpointed. Ranks draw different dropout masks.
+    """
+    state = np.random.SeedSequence([seed, rank, iteration, 0x7E57]).generate_state(1, np.uint64)
+    torch.manual_seed(int(state[0]) >> 1)
+
+
+def pick_device(name: str) -> torch.device:
+    """The device of a single-process run: 'auto' is CUDA when torch sees a GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """One autocast context for the run; fp32, and fp16 on CPU, run without autocast.
+
+    bf16 autocasts on CPU and CUDA; fp16 only on CUDA, where a GradScaler (``make_grad_scaler``)
+    keeps small gradients from flushing to zero. The losses are computed in fp32 from the
+    features (``main.cir_forward`` casts them), and double backprop (L_GA^A) runs through the
+    autocast graph like the first backward does.
+    """
+    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler, enabled for fp16 on CUDA only (a disabled one passes everything through)."""
+    enabled = precision == "fp16" and device.type == "cuda"
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def on_rank_zero(fn, context, error_type: type[Exception]):
+    """``fn()`` on rank 0, its result (or its ``error_type`` error) handed to every rank."""
+    if not context.distributed:
+        return fn()
+    payload = None
+    if context.is_main:
+        try:
+            payload = ("ok", fn())
+        except error_type as e:
+            payload = ("error", str(e))
+    kind, value = broadcast_object(payload, context)
+    if kind == "error":
+        raise error_type(value)
+    return value

@@ -203,6 +203,31 @@ def isotropic_gradient_augmentation_loss(
     return total
 
 
+BATCH_NORMS = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+
+
+@torch.no_grad()
+def scale_norms(model) -> dict[str, torch.Tensor]:
+    """What a drift on the parameters (the public L_GA^I's mean(theta) term) would shrink:
+    'bn_weight_norm', the l2 norm of all batch-norm weights together, and 'norm_scale', the
+    learnable scale of the normalization layer, where the model has them."""
+    weights = [
+        m.weight for m in model.modules() if isinstance(m, BATCH_NORMS) and m.weight is not None
+    ]
+    out = {}
+    if weights:
+        out["bn_weight_norm"] = torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights]))
+    scale = getattr(getattr(model, "normalization_layer", None), "norm_s", None)
+    if isinstance(scale, torch.nn.Parameter):
+        out["norm_scale"] = scale.detach()
+    return out
+
+
 # --------------------------------------------------------------------------- baselines
 
 

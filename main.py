@@ -20,13 +20,10 @@ A run writes ``<log_dir>/<time>_<comment>/`` with TensorBoard events, ``args.jso
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import random
 import signal
 import sys
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -368,54 +365,6 @@ def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
     return set(vars(explicit.parse_known_args(argv)[0]))
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy and torch (model initialization uses torch's)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_step(seed: int, rank: int, iteration: int) -> None:
-    """Reseed torch (CPU and CUDA) for training step ``iteration`` of process ``rank``.
-
-    Every random draw of a step (dropout masks, soft-triplet negatives) is then a pure function of
-    (seed, rank, iteration), as the training queries are of (seed, index): a resumed run draws
-    what the uninterrupted run drew, whatever evaluation, data loaders or a restart consumed in
-    between, and no RNG state has to be checkpointed. Ranks draw different dropout masks.
-    """
-    state = np.random.SeedSequence([seed, rank, iteration, 0x7E57]).generate_state(1, np.uint64)
-    torch.manual_seed(int(state[0]) >> 1)
-
-
-def pick_device(name: str) -> torch.device:
-    """The device of a single-process run: 'auto' is CUDA when torch sees a GPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda was asked for but torch sees no CUDA device")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def autocast(precision: str, device: torch.device):
-    """One autocast context for the run; fp32, and fp16 on CPU, run without autocast.
-
-    bf16 autocasts on CPU and CUDA; fp16 only on CUDA, where a GradScaler (``make_grad_scaler``)
-    keeps small gradients from flushing to zero. The losses are computed in fp32 from the
-    features (``cir_forward`` casts them), and double backprop (L_GA^A) runs through the
-    autocast graph like the first backward does.
-    """
-    if precision == "fp32" or (precision == "fp16" and device.type != "cuda"):
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    """A GradScaler, enabled for fp16 on CUDA only (a disabled one passes everything through)."""
-    enabled = precision == "fp16" and device.type == "cuda"
-    return torch.amp.GradScaler(device.type, enabled=enabled)
-
-
 def resolve_dataset_path(args) -> str:
     if args.dataset in TASKS:
         return TASKS[args.dataset].resolve_dataset_path(args)
@@ -472,7 +421,7 @@ def build_datasets(args):
 def build_text_encoder(args, texts: list[str]) -> torch.nn.Module:
     """The --text_encoder (``text_model.build_text_encoder``), prefilled on the run's device."""
     try:
-        return text_model.build_text_encoder(args, texts, pick_device(args.device))
+        return text_model.build_text_encoder(args, texts, distributed.pick_device(args.device))
     except text_model.TextEncoderError as e:
         raise RunError(str(e)) from None
 
@@ -535,31 +484,6 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-BATCH_NORMS = (
-    torch.nn.BatchNorm1d,
-    torch.nn.BatchNorm2d,
-    torch.nn.BatchNorm3d,
-    torch.nn.SyncBatchNorm,
-)
-
-
-@torch.no_grad()
-def scale_norms(model) -> dict[str, torch.Tensor]:
-    """What a drift on the parameters (the public L_GA^I's mean(theta) term) would shrink:
-    'bn_weight_norm', the l2 norm of all batch-norm weights together, and 'norm_scale', the
-    learnable scale of the normalization layer, where the model has them."""
-    weights = [
-        m.weight for m in model.modules() if isinstance(m, BATCH_NORMS) and m.weight is not None
-    ]
-    out = {}
-    if weights:
-        out["bn_weight_norm"] = torch.linalg.vector_norm(torch.cat([w.flatten() for w in weights]))
-    scale = getattr(getattr(model, "normalization_layer", None), "norm_s", None)
-    if isinstance(scale, torch.nn.Parameter):
-        out["norm_scale"] = scale.detach()
-    return out
-
-
 def cir_forward(model, batch, args, device, adv_input=None) -> dict:
     """One training forward of composed image retrieval (the task contract of main.py).
 
@@ -575,7 +499,7 @@ def cir_forward(model, batch, args, device, adv_input=None) -> dict:
         source = adv_input
     elif (args.ga_adv_eps > 0 and args.ga_adv_input == "pixels") or args.fgsm_eps > 0:
         source.requires_grad_(True)
-    with autocast(args.precision, device):
+    with distributed.autocast(args.precision, device):
         out = model(source, batch["mod"], target)
     query, target_features = out["query"].float(), out["target"].float()
     losses = {LOSS_TERM[args.loss]: LOSSES[args.loss](query, target_features)}
@@ -706,59 +630,6 @@ def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
-def check_finite(values: dict[str, torch.Tensor], iteration: int, last_good: str | None) -> None:
-    """RunError naming the first non-finite term of a step (one host sync when all are fine).
-
-    In an fp16 step the GradScaler skipped (overflowed gradients), L_GA^A, FGSM's term, the
-    total and the gradient norm may be inf while the loss itself is fine; they are not checked.
-    """
-    skipped = bool(values.get("fp16_skipped", 0))
-    checked = {k: v for k, v in values.items() if not (skipped and k in GRADIENT_TERMS)}
-    if bool(torch.isfinite(torch.stack([v.float() for v in checked.values()])).all()):
-        return
-    name, value = next((k, v.item()) for k, v in checked.items() if not torch.isfinite(v))
-    raise RunError(
-        f"non-finite {'gradient' if name == 'grad_norm' else 'loss'} at iteration {iteration}: "
-        f"term '{name}' = {value}; {_after_divergence(last_good)}"
-    )
-
-
-def _after_divergence(last_good: str | None) -> str:
-    if not last_good:
-        return "stopping (no checkpoint was written yet); try a lower --learning_rate"
-    return (
-        f"stopping (the last good checkpoint is {last_good}: its weights are finite but may have "
-        f"exploded already, so resuming from it can diverge again; prefer best.pt of the run "
-        f"folder, chosen by M_s, and a lower --learning_rate)"
-    )
-
-
-GRADIENT_TERMS = ("ga_adv", "fgsm", "total", "grad_norm")
-
-
-def agree_on_log(totals: dict[str, torch.Tensor], signum: int, context) -> tuple[dict, int]:
-    """The summed step values of this log interval, over all ranks, and whether any rank got a
-    stop signal: one all-reduce every --log_every steps, so that every rank logs the global
-    batch's loss and all stop at the same iteration."""
-    names = sorted(totals)
-    data = torch.stack([totals[n].double() for n in names] + [torch.tensor(float(signum))])
-    if context.distributed:
-        data = distributed.all_reduce_sum(data.to(context.device), context) / context.world_size
-    data = data.tolist()
-    return dict(zip(names, data)), (signum or int(signal.SIGTERM)) if data[-1] > 0 else 0
-
-
-def check_finite_parameters(model, iteration: int, last_good: str | None) -> None:
-    """RunError naming the first non-finite parameter tensor, if any."""
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise RunError(
-                f"non-finite weights after iteration {iteration}: {name} holds NaN or inf (the "
-                f"update overflowed: is the learning rate too high?); "
-                f"{_after_divergence(last_good)}"
-            )
-
-
 def train(
     args,
     model,
@@ -814,10 +685,10 @@ def train(
     iteration = start_iteration
     with checkpoints.StopOnSignal() as stop, progress:
         for batch in loader:
-            seed_step(args.seed, context.rank, iteration)
+            distributed.seed_step(args.seed, context.rank, iteration)
             lr = set_learning_rate(optimizer, scheduler, iteration)
             values = train_step(model, optimizer, batch, args, device, iteration, scaler, forward)
-            check_finite(values, iteration, last_good)
+            checkpoints.check_finite(values, iteration, last_good)
             iteration += 1
             progress.update(1)
             for name, value in values.items():
@@ -825,10 +696,10 @@ def train(
             signum = stop.signum if not context.distributed else 0
             if iteration % args.log_every == 0 or iteration == args.num_iters:
                 count = iteration % args.log_every or args.log_every
-                averages, signum = agree_on_log(totals, stop.signum, context)
+                averages, signum = distributed.agree_on_log(totals, stop.signum, context)
                 averages = {name: value / count for name, value in averages.items()}
                 if run is not None:
-                    for name, value in {**averages, **scale_norms(module)}.items():
+                    for name, value in {**averages, **ga.scale_norms(module)}.items():
                         run.writer.add_scalar(f"train/{name}", value, iteration)
                     run.writer.add_scalar("train/lr", lr, iteration)
                 progress.set_postfix(loss=f"{averages['total']:.4f}", lr=f"{lr:.1e}", refresh=False)
@@ -844,7 +715,7 @@ def train(
                 # A finite loss can still end in non-finite weights (an overflowing update);
                 # they must never replace the last good checkpoint. Every rank checks (the
                 # replicas are equal), so all stop together.
-                check_finite_parameters(module, iteration, last_good)
+                checkpoints.check_finite_parameters(module, iteration, last_good)
             if (evaluate or periodic or signum) and context.is_main:
                 improved = False
                 if evaluate:
@@ -928,26 +799,10 @@ def main(argv=None) -> dict | None:
         checkpoints.release_run_folders()
 
 
-def _on_rank_zero(fn, context):
-    """``fn()`` on rank 0, its result (or its RunError) handed to every rank."""
-    if not context.distributed:
-        return fn()
-    payload = None
-    if context.is_main:
-        try:
-            payload = ("ok", fn())
-        except RunError as e:
-            payload = ("error", str(e))
-    kind, value = distributed.broadcast_object(payload, context)
-    if kind == "error":
-        raise RunError(value)
-    return value
-
-
 def _main(args) -> dict | None:
-    seed_everything(args.seed)
+    distributed.seed_everything(args.seed)
     try:
-        context = distributed.init(pick_device(args.device))
+        context = distributed.init(distributed.pick_device(args.device))
     except ValueError as e:
         raise RunError(str(e)) from None
     try:
@@ -963,7 +818,7 @@ def _run(args, context) -> dict | None:
     if context.distributed:
         # One process generates the synthetic data (per node too, for folders that are not
         # shared); the others read what it wrote.
-        _on_rank_zero(lambda: resolve_dataset_path(args), context)
+        distributed.on_rank_zero(lambda: resolve_dataset_path(args), context, RunError)
         if context.local_rank == 0 and not is_main:
             resolve_dataset_path(args)
         distributed.barrier(context)
@@ -977,7 +832,7 @@ def _run(args, context) -> dict | None:
             args.num_iters = esa.num_iters_for(args, trainset, context.world_size)
     model = build_model(args, trainset, testset).to(device)
     optimizer, scheduler = build_optimizer(args, model)
-    scaler = make_grad_scaler(args.precision, device)
+    scaler = distributed.make_grad_scaler(args.precision, device)
 
     if args.test_only:
         if not is_main:  # evaluation is one process's job
@@ -1017,7 +872,7 @@ def _run(args, context) -> dict | None:
                 checkpoints.load_checkpoint(path, args, checkpoints.RESUME_KEYS) if path else None
             )
 
-        checkpoint, state = _on_rank_zero(read_resume_state, context)
+        checkpoint, state = distributed.on_rank_zero(read_resume_state, context, RunError)
         if checkpoint is not None:  # (--resume auto without a matching run said why)
             checkpoints.restore_model(model, state, checkpoint)
             checkpoints.restore_training(optimizer, scaler, state, checkpoint)

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+import distributed  # noqa: E402
 import main  # noqa: E402
 import text_model  # noqa: E402
 import torch_function  # noqa: E402
@@ -129,7 +130,7 @@ def main_bench(argv=None) -> dict:
         texts = sorted(set(trainset.get_all_texts()) | set(testset.get_all_texts()))
         fill = cache_fill(texts, os.path.join(tmp, "fill_cache"))
 
-        main.seed_everything(0)
+        distributed.seed_everything(0)
         variants = {}
         for name, a in args.items():
             model = main.build_model(a, trainset, testset).train()

@@ -23,6 +23,7 @@ import torch
 
 import checkpoints
 import datasets
+import distributed
 import main
 from checkpoints import RESUME_KEYS, find_resume_checkpoint, load_checkpoint
 
@@ -500,7 +501,7 @@ def one_step_setup(data_dir, *extra, image_size=64):
         ["--synthetic_size", "6", "--data_dir", str(data_dir), "--image_embed_dim", "16",
          "--ga", "--ga_adv_eps", "0.05", "--batch_size", "4", *extra]
     )  # fmt: skip
-    main.seed_everything(0)
+    distributed.seed_everything(0)
     trainset, _ = main.build_datasets(args)
     model = main.build_model(args, trainset)
     optimizer = main.build_optimizer(args, model)[0]
@@ -525,7 +526,7 @@ def test_bf16_step_with_ga_on_cpu_is_finite_and_close_to_fp32(data_dir):
         for precision in ("fp32", "bf16"):
             args, model, optimizer, batch = one_step_setup(data_dir, "--precision", precision)
             model.train(mode == "train")
-            main.seed_step(0, 0, 0)
+            distributed.seed_step(0, 0, 0)
             step = main.train_step(model, optimizer, batch, args, torch.device("cpu"), 0)
             values[mode, precision] = {name: value.item() for name, value in step.items()}
     assert all(math.isfinite(v) for v in values["train", "bf16"].values())
@@ -563,7 +564,7 @@ def test_grad_scaler_step_equals_the_unscaled_step(data_dir):
     results = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
         args, model, optimizer, batch = one_step_setup(data_dir, image_size=32)
-        main.seed_step(0, 0, 0)
+        distributed.seed_step(0, 0, 0)
         values = main.train_step(model, optimizer, batch, args, torch.device("cpu"), 0, scaler)
         values = {name: value.item() for name, value in values.items()}
         results.append((values, {n: p.detach().clone() for n, p in model.named_parameters()}))

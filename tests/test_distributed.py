@@ -74,7 +74,7 @@ def run_steps(argv, rank, world_size, batch_size, context, variant="main"):
     Returns the gradients of the first step, the parameters after the last and the step values.
     """
     args = main.parse_args(argv + ["--batch_size", str(batch_size)])
-    main.seed_everything(args.seed)
+    distributed.seed_everything(args.seed)
     trainset, _ = main.build_datasets(args)
     model = main.build_model(args, trainset)
     optimizer, scheduler = main.build_optimizer(args, model)
@@ -88,10 +88,10 @@ def run_steps(argv, rank, world_size, batch_size, context, variant="main"):
     )
     grads, values = None, []
     for iteration, batch in enumerate(loader):
-        main.seed_step(args.seed, rank, iteration)
+        distributed.seed_step(args.seed, rank, iteration)
         main.set_learning_rate(optimizer, scheduler, iteration)
         step = main.train_step(net, optimizer, shrink(batch), args, context.device, iteration)
-        values.append(main.agree_on_log(step, 0, context)[0])
+        values.append(distributed.agree_on_log(step, 0, context)[0])
         if grads is None:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -115,7 +115,7 @@ def _worker(rank, port, argv, out_dir, variants):
             result = run_steps(argv, rank, WORLD, PER_RANK_BATCH, context, variant)
             torch.save(result, os.path.join(out_dir, f"{variant}_rank{rank}.pt"))
         # Only rank 1 got SIGTERM: both ranks must stop at this step, and log the mean loss.
-        agreed = main.agree_on_log(
+        agreed = distributed.agree_on_log(
             {"ce": torch.tensor(float(rank))}, 15 if rank == 1 else 0, context
         )
         torch.save({"agreed": list(agreed)}, os.path.join(out_dir, f"agree_rank{rank}.pt"))
@@ -246,7 +246,7 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch_ga_on(data_dir
 
 def single_process_initial(argv):
     args = main.parse_args(argv)
-    main.seed_everything(args.seed)
+    distributed.seed_everything(args.seed)
     trainset, _ = main.build_datasets(args)
     model = main.build_model(args, trainset)
     return {n: p.detach().clone() for n, p in model.named_parameters()}

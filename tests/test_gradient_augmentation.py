@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tb_events import read_scalars
 
+import distributed
 import gradient_augmentation as ga
 import img_text_composition_models
 import main
@@ -638,7 +639,7 @@ def test_ga_step_on_cuda_agrees_with_cpu(precision):
     for device in ("cpu", "cuda"):
         model = small_real_model("tirg").to(device).eval()
         optimizer = main.build_optimizer(args, model)[0]
-        scaler = main.make_grad_scaler(precision, torch.device(device))
+        scaler = distributed.make_grad_scaler(precision, torch.device(device))
         step = main.train_step(
             model, optimizer, make_batch(size=32), args, torch.device(device), 0, scaler
         )
@@ -660,7 +661,7 @@ def test_scale_norms_against_a_loop_over_the_modules():
     for module in model.modules():
         if type(module).__name__.startswith("BatchNorm"):
             squares += sum(w * w for w in module.weight.flatten().tolist())
-    norms = main.scale_norms(model)
+    norms = ga.scale_norms(model)
     assert norms["bn_weight_norm"].item() == pytest.approx(math.sqrt(squares), rel=1e-5)
     assert norms["norm_scale"].item() == pytest.approx(model.normalization_layer.norm_s.item())
-    assert main.scale_norms(torch.nn.Linear(2, 2)) == {}
+    assert ga.scale_norms(torch.nn.Linear(2, 2)) == {}
