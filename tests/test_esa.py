@@ -402,7 +402,10 @@ def test_hf_text_encoder_forward(precomp):
     assert model.txt_enc.linear.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("extra", [["--ga"], ["--img_pool", "mean", "--txt_pool", "mean"]])
+@pytest.mark.parametrize(
+    "extra",
+    [["--ga"], ["--img_pool", "mean", "--txt_pool", "mean"], ["--dataset", "coco_precomp"]],
+)
 def test_main_runs_esa_end_to_end(tmp_path, extra):
     """``main.main`` on the small synthetic Flickr30K stand-in: metrics.jsonl with the six
     recalls and rsum per split, M = rsum / 6 and WHM, checkpoints and TensorBoard scalars."""
@@ -429,6 +432,8 @@ def test_main_runs_esa_end_to_end(tmp_path, extra):
         assert r["rsum"] == pytest.approx(sum(r[k] for k in keys))
         assert r["M"] == pytest.approx(r["rsum"] / 6)
     assert records[-1]["M_t"] == pytest.approx(result["test"]["M"])
+    if "coco_precomp" in extra:  # testall: 5-fold 1K unprefixed, and the whole 5K
+        assert {f"5K_{k}" for k in keys | {"rsum"}} <= set(records[-1])
     if "--ga" in extra:
         assert {"sel", "sim", "ga_adv", "ga_iso"} <= set(records[2]["loss"])
     state = torch.load(run_dir / "latest.pt", weights_only=True)
