@@ -315,8 +315,8 @@ def add_arguments(parser, add_bool) -> None:
         choices=ISOTROPIC_FORMS,
         help="paper: gamma * sum_p s_p <r_p, theta_p>; public: the GA code's --random_grad, "
         "which also counts the k-th of N tensors N - k times (cumulative) and adds "
-        "gamma * mean(theta_p) per count (drift). --ga_iso_cumulative and --ga_iso_drift "
-        "switch these parts on or off (default: as the form)",
+        "gamma * mean(theta_p) per count (drift); --ga_iso_cumulative and --ga_iso_drift "
+        "switch these parts on or off",
     )
     for part in ("cumulative", "drift"):
         g.add_argument(
