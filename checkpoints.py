@@ -246,7 +246,9 @@ def reopen_run(args, state: dict, checkpoint: str, world_size: int) -> None:
     start_iteration = state["iteration"]
     truncate_metrics(resume_dir, start_iteration)
     remove_stale_temporaries(resume_dir)
-    print(f"resuming {resume_dir} at iteration {start_iteration} from {checkpoint}")
+    print(
+        f"resuming {resume_dir} at iteration {start_iteration} from {os.path.abspath(checkpoint)}"
+    )
     changed = [
         f"--{key} {state['args'].get(key)} -> {value}"
         for key, value in sorted(vars(args).items())
