@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import clip4cir
 import datasets
 import distributed
 import esa
@@ -62,6 +63,7 @@ RunError = checkpoints.RunError
 TASKS = {
     **{name: hashing for name in hashing.DATASET_NAMES},
     **{name: esa for name in esa.DATASET_NAMES},
+    **{name: clip4cir for name in clip4cir.DATASET_NAMES},
 }
 
 
@@ -105,8 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dataset",
         default="css3d",
         choices=sorted([*datasets.DATASETS, *TASKS]),
-        help="composed image retrieval: css3d, mitstates, fashion200k, fashioniq; image-text "
-        "matching: f30k_precomp, coco_precomp; learning to hash: cub200, stanford_dogs, "
+        help="composed image retrieval: css3d, mitstates, fashion200k, fashioniq, cirr, circo; "
+        "image-text matching: f30k_precomp, coco_precomp; learning to hash: cub200, stanford_dogs, "
         "image_folder, hashing_synthetic",
     )
     g.add_argument(
@@ -162,7 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--model",
         default="tirg",
-        choices=sorted([*img_text_composition_models.MODELS, *esa.MODEL_NAMES, "hash"]),
+        choices=sorted(
+            [*img_text_composition_models.MODELS, *esa.MODEL_NAMES, *clip4cir.MODEL_NAMES, "hash"]
+        ),
         help="composition model (esa for image-text matching; hash, the default there, for "
         "learning to hash)",
     )
@@ -180,7 +184,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--loss",
         default="batch_based_classification",
-        choices=sorted([*LOSSES, *esa.LOSS_NAMES, "batch_all_triplet"]),
+        choices=sorted([*LOSSES, *esa.LOSS_NAMES, *clip4cir.LOSS_NAMES, "batch_all_triplet"]),
         help="L_CE over the batch or TIRG's soft triplet loss; esa: the self-expanding loss or "
         "VSE++'s; hashing: the batch-all triplet loss",
     )
@@ -217,6 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ga.add_arguments(p, add_bool)
     hashing.add_arguments(p)
     esa.add_arguments(p)
+    clip4cir.add_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw of the run")
     g.add_argument(
@@ -330,7 +335,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--image_size must be >= 32 and --loader_num_workers >= 0")
     if args.category_to_train != "all" and args.dataset != "fashioniq":
         p.error("--category_to_train is a fashioniq option")
-    if task is hashing:
+    if task in (hashing, clip4cir):
         args.text_encoder = "none"
     elif args.text_encoder is None:
         args.text_encoder = "hf" if args.use_bert else "lstm"
