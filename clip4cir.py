@@ -444,7 +444,8 @@ def generate_cirr_synthetic(out_dir: str, seed: int = 0, size="small") -> str:
     """Write a SYNTHETIC CIRR stand-in in the real rc2 layout and return ``out_dir``.
 
     Scenes and edit texts come from the CSS generator (``css_generator.generate``): its train
-    split becomes CIRR's train, its test split is divided by source image into val and test1.
+    split becomes CIRR's train, its test split is divided by source scene (alternately) into
+    val and test1.
     Each triplet's img_set holds the reference, the target and up to four other targets of the
     same source (CSS's near-identical siblings, like CIRR's subsets), filled to six members from
     the split. Images are 64x64 PNGs drawn by ``css_generator.render_2d``.
@@ -470,8 +471,9 @@ def generate_cirr_synthetic(out_dir: str, seed: int = 0, size="small") -> str:
             for mod in data[css_split]["mods"]
             for s, t in zip(mod["from"], mod["to"])
         ]
-        if part is not None:
-            pairs = [p for p in pairs if p[0] % 2 == part]
+        if part is not None:  # every other source scene, in order
+            sources = {s: k % 2 for k, s in enumerate(sorted({p[0] for p in pairs}))}
+            pairs = [p for p in pairs if sources[p[0]] == part]
         used = sorted({i for s, t, _ in pairs for i in (s, t)})
         prefix = "dev" if split == "val" else split
         names = {i: f"{prefix}-{i}-img0" for i in used}
@@ -654,7 +656,7 @@ class ClipComposer(nn.Module):
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> CLIP's normalised float input."""
-        return (images.float() / 255.0 - self.mean) / self.std
+        return (images.to(self.mean.dtype) / 255.0 - self.mean) / self.std
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, 3, H, W) -> CLIP image features (B, D), not normalised."""
@@ -843,6 +845,11 @@ def info_nce_loss(query: torch.Tensor, target: torch.Tensor, scale: float = LOGI
     return F.cross_entropy(logits, torch.arange(len(query), device=query.device))
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features (autocast) in float32 for the loss; float64 stays float64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _adversarial(args) -> bool:
     return (getattr(args, "ga_adv_eps", 0) or 0) > 0 or (getattr(args, "fgsm_eps", 0) or 0) > 0
 
@@ -869,7 +876,7 @@ def forward(model: ClipComposer, batch: dict, args, device, adv_input=None) -> d
             image = image.detach().requires_grad_(True)
         with autocast:
             query = model.compose(image, text)
-        query = query.float()
+        query = _fp32(query)
         return {
             "losses": {"infonce": info_nce_loss(query, target)},
             "sim": (query, F.normalize(target, dim=-1)),
@@ -895,7 +902,7 @@ def forward(model: ClipComposer, batch: dict, args, device, adv_input=None) -> d
         text = model.encode_texts(batch["caption"], device)
         target = model.encode_images(target_pixels)
         query = model.compose(image, text)
-    query, target = query.float(), target.float()
+    query, target = _fp32(query), _fp32(target)
     return {
         "losses": {"infonce": info_nce_loss(query, target)},
         "sim": (query, F.normalize(target, dim=-1)),
@@ -972,10 +979,8 @@ def split_features(model: ClipComposer, dataset, image_ids, args, device):
     """(image features (len(image_ids), D), caption features (len(queries), D)) of a split:
     from the on-disk cache with frozen encoders, else encoded now (each image once)."""
     if model.frozen:
-        if dataset.split == "train" and model.train_image_features is not None:
-            images, texts = model.train_image_features, model.train_text_features
-        else:
-            images, texts = cached_features(model, dataset, args, device)
+        # by the weights' fingerprint: right even when a checkpoint was restored after build
+        images, texts = cached_features(model, dataset, args, device)
         return images[
             torch.as_tensor(list(image_ids), dtype=torch.long, device=images.device)
         ], texts
