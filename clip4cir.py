@@ -26,6 +26,10 @@ one); ``combiner`` freezes them and computes every image and caption feature onc
 under ``--feature_cache_dir`` keyed by model, weights, preprocessing and data, so the Combiner
 trains on cached features. The default stage follows the model: clip_sum finetunes, clip4cir
 trains the Combiner.
+
+``--model clip_sum/clip4cir`` on main's composed-retrieval datasets (fashioniq, css3d, ...)
+dispatches here too (``main.task_of``): finetune stage only, evaluated by ``test_retrieval``
+with the dataset's own protocol.
 """
 
 from __future__ import annotations
@@ -660,8 +664,36 @@ class ClipComposer(nn.Module):
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) -> CLIP's normalised float input."""
-        return (images.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        """uint8 (B, 3, H, W) -> CLIP's normalised float input at CLIP's size (a loader of
+        another size, css3d's or --image_size's, is resized here: bicubic, antialiased)."""
+        x = images.to(self.mean.dtype) / 255.0
+        size = self.clip.visual.image_size
+        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    # test_retrieval's composed-model interface (css3d, fashioniq): ImageNet-normalised input
+    composes_features = True
+
+    def extract_img_feature(self, imagenet_normalized: torch.Tensor) -> torch.Tensor:
+        from torch_function import IMAGENET_MEAN, IMAGENET_STD
+
+        mean = torch.tensor(IMAGENET_MEAN, device=imagenet_normalized.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=imagenet_normalized.device).view(1, 3, 1, 1)
+        pixels = ((imagenet_normalized * std + mean) * 255.0).round().clamp(0, 255)
+        return self.encode_images(self.normalize(pixels.to(torch.uint8)))
+
+    def extract_text_feature(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_texts(list(texts), self.mean.device)
+
+    def compose_img_text_features(self, image_features, text_features) -> torch.Tensor:
+        return self.compose(image_features, text_features)
+
+    def compose_img_text(self, imagenet_normalized, texts) -> torch.Tensor:
+        return self.compose(
+            self.extract_img_feature(imagenet_normalized), self.extract_text_feature(texts)
+        )
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Normalised pixels (B, 3, H, W) -> CLIP image features (B, D), not normalised."""
@@ -682,6 +714,11 @@ def build_model(args, trainset) -> ClipComposer:
 
     config = model_config(args)
     frozen = stage(args) == "combiner"
+    if frozen and args.dataset not in DATASET_NAMES:
+        raise _run_error(
+            f"--dataset {args.dataset} with --model {args.model} trains end to end only: add "
+            f"--clip_stage finetune (the cached-feature stage is for cirr)"
+        )
     if frozen and args.model == "clip_sum":
         raise _run_error(
             "--model clip_sum has nothing to train with --clip_stage combiner "
@@ -869,6 +906,9 @@ def forward(model: ClipComposer, batch: dict, args, device, adv_input=None) -> d
     """
     import distributed
 
+    if "source_img_data" in batch:  # a composed-retrieval batch of main's datasets
+        batch = {"reference_img_data": batch["source_img_data"], "caption": batch["mod"],
+                 "target_img_data": batch["target_img_data"]}  # fmt: skip
     pixels = args.ga_adv_input == "pixels" and not model.frozen
     autocast = distributed.autocast(args.precision, device)
     if model.frozen:  # cached features; the frozen CLIP is not run
@@ -1064,6 +1104,13 @@ def evaluate(model, trainset, testset, args, device) -> dict:
     training triplets against the images they name; M = (R@5 + Rs@1) / 2. CIRCO: test = the
     val split's mAP@K (M = mAP@10); CIRCO has no training split, so train M is NaN. With
     --test_only --write_submission DIR the test split's server files are written too."""
+    if args.dataset not in DATASET_NAMES:  # css3d, fashioniq, ...: their own protocol
+        import test_retrieval
+
+        queries = trainset.sample_training_queries(args.train_eval_queries, seed=TRAIN_SAMPLE_SEED)
+        return test_retrieval.evaluate_composed(
+            model, trainset, testset, queries, device, args.eval_batch_size, args.loader_num_workers
+        )
     if args.dataset == "circo":
         result = {
             "train": {"M": float("nan")},

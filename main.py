@@ -67,6 +67,12 @@ TASKS = {
 }
 
 
+def task_of(args):
+    """The task module of a run: by --dataset, or clip4cir for --model clip_sum/clip4cir on a
+    composed-retrieval dataset (css3d, fashioniq, ...); None for main's own composed retrieval."""
+    return TASKS.get(args.dataset) or (clip4cir if args.model in clip4cir.MODEL_NAMES else None)
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Every flag shows its default once: argparse's ArgumentDefaultsHelpFormatter skips flags
     without help text and repeats a default the text already states."""
@@ -284,7 +290,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.model_checkpoint = args.ensemble[0]  # whose training settings label the result
     if args.test_only and args.model_checkpoint not in (None, UNTRAINED):
         checkpoints.adopt_training_settings(p, args, given)
-    task = TASKS.get(args.dataset)
+    task = task_of(args)
     for name, value in getattr(task, "DEFAULTS", {}).items():
         if name not in given:
             setattr(args, name, value)
@@ -342,7 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.use_bert and args.text_encoder == "lstm":
         p.error("--use_bert asks for a BERT text encoder, but --text_encoder is lstm")
     args.use_bert = args.text_encoder not in ("lstm", "gru", "none")
-    photographs = (task is None and args.dataset != "css3d") or (
+    photographs = (args.dataset in datasets.DATASETS and args.dataset != "css3d") or (
         task is hashing and args.dataset_path
     )
     if not photographs:
@@ -434,8 +440,8 @@ def build_text_encoder(args, texts: list[str]) -> torch.nn.Module:
 def build_model(args, trainset, testset=None) -> torch.nn.Module:
     """The --model with the --text_encoder; a frozen text encoder is prefilled with the texts of
     ``trainset`` (and of ``testset`` when given, so evaluation encodes nothing new either)."""
-    if args.dataset in TASKS:
-        return TASKS[args.dataset].build_model(args, trainset)
+    if task_of(args) is not None:
+        return task_of(args).build_model(args, trainset)
     texts = list(trainset.get_all_texts())
     if testset is not None and args.text_encoder != "lstm":  # the LSTM vocabulary: train only
         texts += testset.get_all_texts()
@@ -456,8 +462,8 @@ def build_optimizer(args, model):
     """(optimizer, scheduler): SGD, momentum 0.9, the ResNet body at 0.1x the learning rate (as
     TIRG intended), x0.1 every ``--learning_rate_decay_frequency`` iterations; the other tasks
     bring their own. The scheduler is a LambdaLR that ``set_learning_rate`` reads."""
-    if args.dataset in TASKS:
-        return TASKS[args.dataset].build_optimizer(args, model)
+    if task_of(args) is not None:
+        return task_of(args).build_optimizer(args, model)
     backbone = model.backbone_parameters()
     backbone_ids = {id(p) for p in backbone}
     rest = [p for p in model.parameters() if id(p) not in backbone_ids]
@@ -619,8 +625,8 @@ def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
     for m in models:
         m.eval()
     with torch.no_grad():
-        if args.dataset in TASKS:
-            result = TASKS[args.dataset].evaluate(model, trainset, testset, args, device)
+        if task_of(args) is not None:
+            result = task_of(args).evaluate(model, trainset, testset, args, device)
         else:
             result = test_retrieval.evaluate_composed(
                 model, trainset, testset, train_queries, device,
@@ -662,7 +668,7 @@ def train(
     """
     context = context or distributed.Context(device=device)
     module = distributed.unwrap(model)
-    forward = getattr(TASKS.get(args.dataset), "forward", cir_forward)
+    forward = getattr(task_of(args), "forward", cir_forward)
     run_dir = run.dir if run is not None else run_dir
     latest = os.path.join(run_dir, "latest.pt")
     if last_good is None and os.path.isfile(latest):
@@ -758,7 +764,7 @@ def unused_parameters(model, trainset, args, device) -> list[str]:
     the RNG are left alone), its autograd graph walked back from the outputs. L1/L2 reach every
     parameter.
     """
-    if args.l1_weight > 0 or args.l2_weight > 0 or args.dataset in TASKS:
+    if args.l1_weight > 0 or args.l2_weight > 0 or task_of(args) is not None:
         return []  # the other tasks' losses reach every parameter
     batch = datasets.collate_queries([trainset[0], trainset[1]])
     source = torch_function.normalize_images(batch["source_img_data"].to(device))

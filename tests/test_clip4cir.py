@@ -549,3 +549,22 @@ def test_stage_settings_refused_with_reasons(tmp_path):
                 "1",
             ]
         )
+
+
+def test_clip_models_on_main_composed_datasets(tmp_path):
+    """--model clip_sum/clip4cir on fashioniq (and css3d) dispatch to clip4cir: trained end to
+    end, evaluated with the dataset's own protocol (per-category R@10/R@50 for FashionIQ)."""
+    from test_real_datasets import make_fashioniq
+
+    import main
+
+    root = make_fashioniq(tmp_path / "fiq")
+    argv = ["--dataset", "fashioniq", "--dataset_path", root, *TINY, "--loader_num_workers", "0",
+            "--log_dir", str(tmp_path / "logs"), "--batch_size", "4", "--num_iters", "2",
+            "--eval_every", "2", "--image_size", "32"]  # fmt: skip
+    args = main.parse_args([*argv, "--model", "clip_sum"])
+    assert main.task_of(args) is clip4cir and args.loss == "infonce"
+    result = main.main([*argv, "--model", "clip4cir", "--clip_stage", "finetune"])
+    assert {"R@10", "R@50", "M"} <= set(result["test"]) and "dress_R@10" in result["test"]
+    with pytest.raises(SystemExit):  # the cached-feature stage is CIRR's
+        main.main([*argv, "--model", "clip4cir"])
