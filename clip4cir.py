@@ -149,10 +149,6 @@ def stage(args) -> str:
     return "combiner" if args.model == "clip4cir" else "finetune"
 
 
-class Clip4CirError(datasets.DatasetFormatError):
-    """A setting or file this task cannot use (main reports it as a RunError)."""
-
-
 def _run_error(message: str):
     import checkpoints
 
@@ -737,7 +733,9 @@ def build_model(args, trainset) -> ClipComposer:
         except RuntimeError as e:  # an unknown tag, an unreadable file, no hub
             raise _run_error(f"--clip_pretrained {args.clip_pretrained}: {e}") from None
     clip = clip.float()
-    if args.clip_weights:
+    # --test_only of a checkpoint restores the CLIP from it: the stage-1 file is not needed
+    restored = args.test_only and args.model_checkpoint not in (None, "untrained")
+    if args.clip_weights and not restored:
         import checkpoints
 
         state = checkpoints.load_checkpoint(args.clip_weights, None, keys=("model",))["model"]
@@ -761,7 +759,8 @@ def build_model(args, trainset) -> ClipComposer:
     model = ClipComposer(
         clip, open_clip.get_tokenizer(args.clip_model), combiner, frozen, mean, std
     )
-    if frozen:
+    model.embed_dim = dim
+    if frozen and not args.test_only:  # evaluation reads the fingerprinted cache itself
         import distributed
 
         device = distributed.pick_device(args.device)
@@ -838,7 +837,7 @@ def encode_images(model: ClipComposer, dataset, ids, args, device) -> torch.Tens
     ):
         out.append(model.encode_images(model.normalize(images.to(device))).float())
     if not out:
-        return torch.zeros(0, model.clip.text_projection.shape[-1], device=device)
+        return torch.zeros(0, model.embed_dim, device=device)
     return torch.cat(out)
 
 
@@ -907,8 +906,11 @@ def forward(model: ClipComposer, batch: dict, args, device, adv_input=None) -> d
     import distributed
 
     if "source_img_data" in batch:  # a composed-retrieval batch of main's datasets
-        batch = {"reference_img_data": batch["source_img_data"], "caption": batch["mod"],
-                 "target_img_data": batch["target_img_data"]}  # fmt: skip
+        batch = {
+            "reference_img_data": batch["source_img_data"],
+            "caption": batch["mod"],
+            "target_img_data": batch["target_img_data"],
+        }
     pixels = args.ga_adv_input == "pixels" and not model.frozen
     autocast = distributed.autocast(args.precision, device)
     if model.frozen:  # cached features; the frozen CLIP is not run

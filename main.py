@@ -288,12 +288,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.model_checkpoint:
             p.error("--ensemble names both checkpoints; leave out --model_checkpoint")
         args.model_checkpoint = args.ensemble[0]  # whose training settings label the result
+    for name, value in getattr(task_of(args), "DEFAULTS", {}).items():
+        if name not in given:  # before a checkpoint's settings, which take precedence
+            setattr(args, name, value)
     if args.test_only and args.model_checkpoint not in (None, UNTRAINED):
         checkpoints.adopt_training_settings(p, args, given)
     task = task_of(args)
-    for name, value in getattr(task, "DEFAULTS", {}).items():
-        if name not in given:
-            setattr(args, name, value)
     if task is esa and "num_iters" not in given:
         args.num_iters = None  # --num_epochs of the training set: set once it is loaded
     if task is not None and (

@@ -86,9 +86,20 @@ def main_(argv=None) -> dict:
         "image_size"
     ]
     size = size[0] if isinstance(size, (list, tuple)) else size
-    base = ["--dataset", "cirr", "--clip_model", opts.clip_model, "--model", "clip_sum",
-            "--batch_size", str(opts.batch_size), "--learning_rate", "1e-5", "--device",
-            opts.device]  # fmt: skip
+    base = [
+        "--dataset",
+        "cirr",
+        "--clip_model",
+        opts.clip_model,
+        "--model",
+        "clip_sum",
+        "--batch_size",
+        str(opts.batch_size),
+        "--learning_rate",
+        "1e-5",
+        "--device",
+        opts.device,
+    ]
     g = torch.Generator().manual_seed(0)
     b = opts.batch_size
     shape = (b, 3, size, size)
@@ -96,23 +107,34 @@ def main_(argv=None) -> dict:
         "reference_img_data": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
         "target_img_data": torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
         "caption": [f"change the object {i} to red and make it larger" for i in range(b)],
-        "triplet": torch.arange(b), "reference": torch.arange(b), "target": torch.arange(b),
-    }  # fmt: skip
+        "triplet": torch.arange(b),
+        "reference": torch.arange(b),
+        "target": torch.arange(b),
+    }
     torch.manual_seed(0)
     args = main.parse_args(base)
     reference_model = clip4cir.build_model(args, None).to(device)
-    result = {"clip_model": opts.clip_model, "batch_size": b, "device": str(device),
-              "threads": opts.threads, "steps": opts.steps}  # fmt: skip
+    result = {
+        "clip_model": opts.clip_model,
+        "batch_size": b,
+        "device": str(device),
+        "threads": opts.threads,
+        "steps": opts.steps,
+    }
     first = {}
-    for name, extra in (("ours", []), ("ours_ga_features", ["--ga", "--ga_adv_input", "features"]),
-                        ("ours_ga_pixels", ["--ga"])):  # fmt: skip
+    for name, extra in (
+        ("ours", []),
+        ("ours_ga_features", ["--ga", "--ga_adv_input", "features"]),
+        ("ours_ga_pixels", ["--ga"]),
+    ):
         args = main.parse_args(base + extra)
         model = copy.deepcopy(reference_model).train()
         optimizer, _ = clip4cir.build_optimizer(args, model)
 
         def step(i, model=model, optimizer=optimizer, args=args, name=name):
-            values = main.train_step(model, optimizer, batch, args, device, i,
-                                     forward=clip4cir.forward)  # fmt: skip
+            values = main.train_step(
+                model, optimizer, batch, args, device, i, forward=clip4cir.forward
+            )
             first.setdefault(name, float(values["infonce"]))
 
         result[f"{name}_ms"] = statistics.median(time_steps(step, opts.steps, opts.warmup, device))

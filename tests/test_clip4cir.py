@@ -454,6 +454,21 @@ def test_two_stages_end_to_end(tmp_path):
     again = main.main([*stage2[:-1], "stage2b"])  # the cache is read, not rewritten
     assert [os.path.getmtime(tmp_path / "data" / "clip_features" / c) for c in cache] == mtimes
     assert again["test"] == pytest.approx(result["test"])
+    # --test_only restores the Combiner and the CLIP from the checkpoint (the stage-1 file is
+    # not read again) and gives the training run's last evaluation
+    os.rename(run1 / "latest.pt", run1 / "moved.pt")
+    evaluated = main.main(
+        [
+            *_common(tmp_path, "cirr", root),
+            "--log_dir",
+            str(tmp_path / "eval"),
+            "--test_only",
+            "--model_checkpoint",
+            str(run2 / "latest.pt"),
+        ]
+    )
+    assert evaluated["test"] == pytest.approx(result["test"])
+    assert evaluated["train"] == pytest.approx(result["train"])
 
 
 def test_synthetic_cirr_stand_in(tmp_path):
@@ -559,9 +574,25 @@ def test_clip_models_on_main_composed_datasets(tmp_path):
     import main
 
     root = make_fashioniq(tmp_path / "fiq")
-    argv = ["--dataset", "fashioniq", "--dataset_path", root, *TINY, "--loader_num_workers", "0",
-            "--log_dir", str(tmp_path / "logs"), "--batch_size", "4", "--num_iters", "2",
-            "--eval_every", "2", "--image_size", "32"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "fashioniq",
+        "--dataset_path",
+        root,
+        *TINY,
+        "--loader_num_workers",
+        "0",
+        "--log_dir",
+        str(tmp_path / "logs"),
+        "--batch_size",
+        "4",
+        "--num_iters",
+        "2",
+        "--eval_every",
+        "2",
+        "--image_size",
+        "32",
+    ]
     args = main.parse_args([*argv, "--model", "clip_sum"])
     assert main.task_of(args) is clip4cir and args.loss == "infonce"
     result = main.main([*argv, "--model", "clip4cir", "--clip_stage", "finetune"])
