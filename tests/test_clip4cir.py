@@ -108,10 +108,10 @@ def _edit_json(path, change):
 
 def test_cirr_loader_reads_the_rc2_layout(tmp_path):
     root = write_cirr(str(tmp_path / "cirr_dataset"))
-    transform = clip4cir.ClipImageTransform(32, 1.25)
-    train = clip4cir.CIRRDataset(root, "train", transform)
-    val = clip4cir.CIRRDataset(root, "val", transform)
-    test1 = clip4cir.CIRRDataset(root, "test1", transform)
+    transform = datasets.ClipImageTransform(32, 1.25)
+    train = datasets.CIRRDataset(root, "train", transform)
+    val = datasets.CIRRDataset(root, "val", transform)
+    test1 = datasets.CIRRDataset(root, "test1", transform)
     assert (len(train.imgs), len(train.queries), len(val.queries)) == (14, 16, 8)
     assert all(q["target"] == -1 for q in test1.queries)
     q = val.queries[0]
@@ -127,13 +127,13 @@ def test_cirr_loader_reads_the_rc2_layout(tmp_path):
 
 
 def test_target_pad_pads_wide_images_to_the_ratio():
-    t = clip4cir.ClipImageTransform(32, 1.25)
+    t = datasets.ClipImageTransform(32, 1.25)
     wide = PIL.Image.new("RGB", (100, 40), (255, 255, 255))
     padded = t.pad(wide)
     assert padded.size == (100, 80)  # 100 / 1.25 = 80: 20 black rows above and below
     assert padded.getpixel((50, 5)) == (0, 0, 0) and padded.getpixel((50, 40)) == (255,) * 3
     assert t.pad(PIL.Image.new("RGB", (50, 45))).size == (50, 45)  # ratio 1.11: unchanged
-    assert clip4cir.ClipImageTransform(32)(wide).shape == (3, 32, 32)
+    assert datasets.ClipImageTransform(32)(wide).shape == (3, 32, 32)
 
 
 @pytest.mark.parametrize(
@@ -148,13 +148,14 @@ def test_target_pad_pads_wide_images_to_the_ratio():
             r"cap\.rc2\.val\.json: entry 1 \(pairid \d+\): target_hard 'ghost'",
         ),
         (lambda c: c[0].pop("caption"), r"entry 0 \(pairid \d+\): missing caption"),
+        (lambda c: c[4].__setitem__("caption", "  "), r"entry 4 \(pairid \d+\): empty caption"),
     ],
 )
 def test_cirr_bad_entries_name_file_and_entry(tmp_path, break_it, message):
     root = write_cirr(str(tmp_path / "c"))
     _edit_json(os.path.join(root, "cirr", "captions", "cap.rc2.val.json"), break_it)
     with pytest.raises(datasets.DatasetFormatError, match=message):
-        clip4cir.CIRRDataset(root, "val", clip4cir.ClipImageTransform(32))
+        datasets.CIRRDataset(root, "val", datasets.ClipImageTransform(32))
 
 
 def test_cirr_malformed_json_and_escaping_paths(tmp_path):
@@ -166,7 +167,7 @@ def test_cirr_malformed_json_and_escaping_paths(tmp_path):
     with open(caption_file, "w") as f:
         f.write("\n".join(lines))
     with pytest.raises(datasets.DatasetFormatError, match=r"cap\.rc2\.train\.json:\d+: not valid"):
-        clip4cir.CIRRDataset(root, "train", clip4cir.ClipImageTransform(32))
+        datasets.CIRRDataset(root, "train", datasets.ClipImageTransform(32))
     split_file = os.path.join(root, "cirr", "image_splits", "split.rc2.val.json")
     _edit_json(split_file, lambda c: c.__setitem__("dev-0-0-img0", "../../etc/passwd"))
     with pytest.raises(
@@ -174,17 +175,17 @@ def test_cirr_malformed_json_and_escaping_paths(tmp_path):
         match=r"split\.rc2\.val\.json: entry "
         r"'dev-0-0-img0': refusing the image path",
     ):
-        clip4cir.CIRRDataset(root, "val", clip4cir.ClipImageTransform(32))
+        datasets.CIRRDataset(root, "val", datasets.ClipImageTransform(32))
 
 
 def test_missing_image_is_skipped_and_counted_or_a_located_error(tmp_path):
     root = write_cirr(str(tmp_path / "c"))
-    val = clip4cir.CIRRDataset(root, "val", clip4cir.ClipImageTransform(32))
+    val = datasets.CIRRDataset(root, "val", datasets.ClipImageTransform(32))
     os.remove(val.image_path(3))
     with pytest.warns(datasets.BadImageWarning, match="image file missing"):
         grey = val.get_img(3)
     assert grey.shape == (3, 32, 32) and val.bad_image_count() == 1
-    strict = clip4cir.CIRRDataset(root, "val", clip4cir.ClipImageTransform(32), on_bad_image="fail")
+    strict = datasets.CIRRDataset(root, "val", datasets.ClipImageTransform(32), on_bad_image="fail")
     with pytest.raises(
         datasets.BadImageError, match=r"dev/0/dev-3-0-img1\.png: image file missing"
     ):
@@ -193,8 +194,8 @@ def test_missing_image_is_skipped_and_counted_or_a_located_error(tmp_path):
 
 def test_circo_loader_and_bad_entries(tmp_path):
     root = write_circo(str(tmp_path / "circo"))
-    t = clip4cir.ClipImageTransform(32)
-    val, test = clip4cir.CIRCODataset(root, "val", t), clip4cir.CIRCODataset(root, "test", t)
+    t = datasets.ClipImageTransform(32)
+    val, test = datasets.CIRCODataset(root, "val", t), datasets.CIRCODataset(root, "test", t)
     assert len(val.imgs) == 60 and len(val.queries) == 5 and len(test.queries) == 4
     assert all(q["gt"][0] == q["target"] for q in val.queries) and test.queries[0]["gt"] == []
     _edit_json(
@@ -203,7 +204,7 @@ def test_circo_loader_and_bad_entries(tmp_path):
     with pytest.raises(
         datasets.DatasetFormatError, match=r"val\.json: entry 3 \(id 3\): gt_img_ids member -7"
     ):
-        clip4cir.CIRCODataset(root, "val", t)
+        datasets.CIRCODataset(root, "val", t)
 
 
 # ----------------------------------------------------------------------------------- metrics
@@ -335,7 +336,7 @@ def test_submissions_written_validated_and_schema_checked(tmp_path):
             str(out),
         ]
     )
-    test1 = clip4cir.CIRRDataset(root, "test1", clip4cir.ClipImageTransform(32))
+    test1 = datasets.CIRRDataset(root, "test1", datasets.ClipImageTransform(32))
     recall = json.loads((out / "cirr_test1_recall.json").read_text())
     subset = json.loads((out / "cirr_test1_recall_subset.json").read_text())
     _check_cirr_schema(recall, test1, "recall", len(test1.imgs) - 1)  # 11 < 50 images
@@ -380,7 +381,7 @@ def test_submissions_written_validated_and_schema_checked(tmp_path):
     )
     assert set(result["test"]) == {"mAP@5", "mAP@10", "mAP@25", "mAP@50", "M"}
     content = json.loads((out2 / "circo_test_submission.json").read_text())
-    test = clip4cir.CIRCODataset(circo, "test", clip4cir.ClipImageTransform(32))
+    test = datasets.CIRCODataset(circo, "test", datasets.ClipImageTransform(32))
     assert set(content) == {str(q["id"]) for q in test.queries}
     ids = {im["name"] for im in test.imgs}
     for q in test.queries:
@@ -472,11 +473,11 @@ def test_two_stages_end_to_end(tmp_path):
 
 
 def test_synthetic_cirr_stand_in(tmp_path):
-    path = clip4cir.generate_cirr_synthetic(str(tmp_path / "s"), seed=0, size=3)
+    path = datasets.generate_cirr_synthetic(str(tmp_path / "s"), seed=0, size=3)
     meta = json.loads(open(os.path.join(path, datasets.SYNTHETIC_MARKER)).read())
     assert meta["synthetic"] is True
-    t = clip4cir.ClipImageTransform(32)
-    splits = {s: clip4cir.CIRRDataset(path, s, t) for s in ("train", "val", "test1")}
+    t = datasets.ClipImageTransform(32)
+    splits = {s: datasets.CIRRDataset(path, s, t) for s in ("train", "val", "test1")}
     assert all(d.synthetic for d in splits.values())
     assert all(len(q["members"]) == 5 for q in splits["val"].queries)
     pairids = [q["pairid"] for d in splits.values() for q in d.queries]
