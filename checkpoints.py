@@ -180,7 +180,7 @@ EVALUATION_FLAGS = {
     "test_only", "model_checkpoint", "resume", "comment", "train_eval_queries", "on_bad_image",
     "bert_host", "bert_port", "bert_port_out", "bert_timeout", "precision", "log_every",
     "checkpoint_every", "eval_every", "ensemble", "eval_split", "image_size", "write_submission",
-    "feature_cache_dir",
+    "feature_cache_dir", "circo_path",
 }  # fmt: skip
 
 

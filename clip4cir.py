@@ -140,6 +140,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --test_only: rank CIRR's test1 (or CIRCO's test) split and write the "
         "evaluation server's JSON files into DIR",
     )
+    g.add_argument(
+        "--circo_path",
+        default=None,
+        metavar="DIR",
+        help="with --dataset cirr --test_only: also evaluate the CIRCO val split at DIR "
+        "(circo_mAP@K among the test metrics, not in M) and, with --write_submission, write "
+        "CIRCO's test file: a CIRR-trained model on CIRCO",
+    )
 
 
 def stage(args) -> str:
@@ -479,9 +487,8 @@ def cached_features(model: ClipComposer, dataset, args, device):
     frozen CLIP, from ``<feature_cache_dir>/<split>_<key>.pt`` or computed and written there
     (atomically). The images found unusable are remembered with them."""
     folder = args.feature_cache_dir or os.path.join(args.data_dir, "clip_features")
-    file = os.path.join(
-        folder, f"{args.dataset}_{dataset.split}_{_cache_key(model, dataset, args)}.pt"
-    )
+    kind = "circo" if isinstance(dataset, datasets.CIRCODataset) else "cirr"
+    file = os.path.join(folder, f"{kind}_{dataset.split}_{_cache_key(model, dataset, args)}.pt")
     if os.path.isfile(file):
         cached = torch.load(file, weights_only=True)
         dataset._bad.copy_(cached["bad"])
@@ -748,6 +755,18 @@ def evaluate(model, trainset, testset, args, device) -> dict:
             "train": evaluate_cirr_split(model, trainset, args, device, sample)["metrics"],
             "test": evaluate_cirr_split(model, testset, args, device)["metrics"],
         }
+    if args.dataset == "cirr" and args.test_only and args.circo_path:
+        try:
+            circo = datasets.CIRCODataset(
+                args.circo_path,
+                "val",
+                testset.transform,
+                on_bad_image=getattr(args, "on_bad_image", "skip"),
+            )
+        except (FileNotFoundError, datasets.DatasetFormatError) as e:
+            raise _run_error(str(e)) from None
+        metrics = evaluate_circo_split(model, circo, args, device)["metrics"]
+        result["test"].update({f"circo_{k}": v for k, v in metrics.items() if k != "M"})
     if args.test_only and args.write_submission:
         for file in write_submission(model, args, device, testset.transform):
             print(f"wrote the submission file {file}")
@@ -825,28 +844,28 @@ def _write_json(path: str, content: dict) -> str:
 
 
 def write_submission(model, args, device, transform) -> list[str]:
-    """Rank the test split (CIRR test1, CIRCO test), validate and write the server files into
-    --write_submission; returns their paths."""
-    path = resolve_dataset_path(args)
+    """Rank the test split (CIRR test1, CIRCO test; both with --dataset cirr --circo_path),
+    validate and write the server files into --write_submission; returns their paths."""
     options = {"on_bad_image": getattr(args, "on_bad_image", "skip")}
     os.makedirs(args.write_submission, exist_ok=True)
+    files = []  # (metric, content, dataset)
     try:
-        if args.dataset == "circo":
-            dataset = datasets.CIRCODataset(path, "test", transform, **options)
-            files = {
-                "circo": circo_submission(
-                    evaluate_circo_split(model, dataset, args, device)["top"], dataset
-                )
-            }
-        else:
-            dataset = datasets.CIRRDataset(path, "test1", transform, **options)
+        if args.dataset == "cirr":
+            dataset = datasets.CIRRDataset(
+                resolve_dataset_path(args), "test1", transform, **options
+            )
             ranked = evaluate_cirr_split_unlabelled(model, dataset, args, device)
             recall, recall_subset = cirr_submissions(ranked["top"], ranked["subset"], dataset)
-            files = {"recall": recall, "recall_subset": recall_subset}
+            files += [("recall", recall, dataset), ("recall_subset", recall_subset, dataset)]
+        circo_path = args.dataset_path if args.dataset == "circo" else args.circo_path
+        if circo_path:
+            dataset = datasets.CIRCODataset(circo_path, "test", transform, **options)
+            top = evaluate_circo_split(model, dataset, args, device)["top"]
+            files.append(("circo", circo_submission(top, dataset), dataset))
     except (FileNotFoundError, datasets.DatasetFormatError) as e:
         raise _run_error(str(e)) from None
     written = []
-    for metric, content in files.items():
+    for metric, content, dataset in files:
         try:
             validate_submission(content, dataset, metric)
         except ValueError as e:

@@ -323,8 +323,9 @@ def test_submissions_written_validated_and_schema_checked(tmp_path):
     import main
 
     root = write_cirr(str(tmp_path / "c"))
+    circo = write_circo(str(tmp_path / "circo"))
     out = tmp_path / "sub"
-    main.main(
+    cirr_result = main.main(
         [
             *_common(tmp_path, "cirr", root),
             "--model",
@@ -334,8 +335,12 @@ def test_submissions_written_validated_and_schema_checked(tmp_path):
             "untrained",
             "--write_submission",
             str(out),
+            "--circo_path",
+            circo,
         ]
-    )
+    )  # a CIRR model also ranks CIRCO: its val mAP among the test metrics, its test file
+    assert {"circo_mAP@10", "R@5", "M"} <= set(cirr_result["test"])
+    assert (out / "circo_test_submission.json").is_file()
     test1 = datasets.CIRRDataset(root, "test1", datasets.ClipImageTransform(32))
     recall = json.loads((out / "cirr_test1_recall.json").read_text())
     subset = json.loads((out / "cirr_test1_recall_subset.json").read_text())
@@ -365,7 +370,6 @@ def test_submissions_written_validated_and_schema_checked(tmp_path):
     with pytest.raises(ValueError, match="outside its img_set"):
         clip4cir.validate_submission(wrong, test1, "recall_subset")
 
-    circo = write_circo(str(tmp_path / "circo"))
     out2 = tmp_path / "sub2"
     result = main.main(
         [
