@@ -179,7 +179,8 @@ EVALUATION_FLAGS = {
     "dataset_path", "data_dir", "log_dir", "device", "loader_num_workers", "eval_batch_size",
     "test_only", "model_checkpoint", "resume", "comment", "train_eval_queries", "on_bad_image",
     "bert_host", "bert_port", "bert_port_out", "bert_timeout", "precision", "log_every",
-    "checkpoint_every", "eval_every", "ensemble", "eval_split", "image_size",
+    "checkpoint_every", "eval_every", "ensemble", "eval_split", "image_size", "write_submission",
+    "feature_cache_dir", "circo_path",
 }  # fmt: skip
 
 

@@ -12,6 +12,7 @@ resumable. (TIRG drew them from the global ``random`` state and ignored the inde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -2215,3 +2216,387 @@ def precomp_synthetic_dir(data_dir: str, name: str, seed: int, size="full") -> s
 
 
 DATASETS_PRECOMP = tuple(PRECOMP_SPLITS)
+
+
+# ============================================================================================
+# Composed retrieval on CLIP (issue 19, clip4cir.py): CIRR and CIRCO in their released JSON
+# layouts, CLIP4Cir's TargetPad, and a synthetic CIRR drawn from the CSS generator. The
+# loaders reuse BadImagePolicy (skip and count, or fail naming the file) and refuse image
+# paths that leave the dataset root.
+# ============================================================================================
+
+
+class ClipImageTransform:
+    """PIL image -> (3, size, size) uint8 tensor: CLIP's resize (shorter side, bicubic) and
+    centre crop, after CLIP4Cir's TargetPad when ``target_ratio`` is set: an image whose aspect
+    ratio exceeds it is padded with black on its shorter sides to that ratio. Normalisation with
+    CLIP's mean and std happens per batch on the device (``clip4cir.ClipComposer.normalize``)."""
+
+    def __init__(self, size: int, target_ratio: float | None = None):
+        self.size = int(size)
+        self.target_ratio = target_ratio
+        self.draft_size = self.size
+
+    def pad(self, img: PIL.Image.Image) -> PIL.Image.Image:
+        w, h = img.size
+        if not self.target_ratio or max(w, h) / min(w, h) < self.target_ratio:
+            return img
+        side = max(w, h) / self.target_ratio
+        hp, vp = max(int((side - w) / 2), 0), max(int((side - h) / 2), 0)
+        out = PIL.Image.new("RGB", (w + 2 * hp, h + 2 * vp), (0, 0, 0))
+        out.paste(img.convert("RGB"), (hp, vp))
+        return out
+
+    def __call__(self, img: PIL.Image.Image) -> torch.Tensor:
+        img = self.pad(img.convert("RGB"))
+        w, h = img.size
+        scale = self.size / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        img = img.resize((nw, nh), PIL.Image.BICUBIC)
+        left, top = int(round((nw - self.size) / 2.0)), int(round((nh - self.size) / 2.0))
+        img = img.crop((left, top, left + self.size, top + self.size))
+        return to_uint8_tensor(img)
+
+    def __repr__(self) -> str:
+        return f"ClipImageTransform(size={self.size}, target_ratio={self.target_ratio})"
+
+
+# ----------------------------------------------------------------------------------- data
+
+CIRR_LAYOUT = (
+    "  <path>/captions/cap.rc2.<train|val|test1>.json   (lists of {'pairid', 'reference', "
+    "'target_hard', 'caption', 'img_set': {'members': [6 names]}}; test1 without targets)\n"
+    "  <path>/image_splits/split.rc2.<train|val|test1>.json   ({name: './dev/...png'})\n"
+    "  (or both under <path>/cirr/, as in CIRR's release); image paths relative to <path>"
+)
+CIRCO_LAYOUT = (
+    "  <path>/annotations/<val|test>.json   (lists of {'id', 'reference_img_id', "
+    "'relative_caption', 'target_img_id', 'gt_img_ids'}; test without targets)\n"
+    "  <path>/COCO2017_unlabeled/annotations/image_info_unlabeled2017.json\n"
+    "  <path>/COCO2017_unlabeled/unlabeled2017/<file_name>"
+)
+
+
+class _QueryImages(BadImagePolicy, torch.utils.data.Dataset):
+    """Shared by CIRR and CIRCO: ``imgs`` (dicts with ``name`` and ``file``), ``queries``
+    (dicts with ``reference``, ``target`` (-1 without), ``caption`` and per dataset more), the
+    hardened image reading of BadImagePolicy, and the training items."""
+
+    synthetic = False
+    load_images = True
+
+    def image_path(self, idx: int) -> str:
+        return os.path.join(self.image_root, self.imgs[idx]["file"])
+
+    def placeholder_size(self):
+        return self.transform.size, self.transform.size
+
+    def get_all_texts(self) -> list[str]:
+        return [q["caption"] for q in self.queries]
+
+    @property
+    def test_queries(self) -> list[dict]:  # what describe counts
+        return self.queries
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def _epoch_order(self, epoch: int, seed) -> np.ndarray:
+        key = (epoch, seed)
+        if getattr(self, "_order_key", None) != key:
+            digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            self._order, self._order_key = rng.permutation(len(self.queries)), key
+        return self._order
+
+    def training_triplet(self, index: int, seed) -> int:
+        """The triplet of training item ``index``: epochs of shuffled triplets (a pure function
+        of seed and index)."""
+        n = len(self.queries)
+        return int(self._epoch_order(index // n, seed)[index % n])
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(MAX_QUERY_ATTEMPTS):
+            seed = self.seed if attempt == 0 else f"{self.seed}/retry{attempt}"
+            j = self.training_triplet(index, seed)
+            q = self.queries[j]
+            item = {"triplet": j, "reference": q["reference"], "target": q["target"]}
+            item["caption"] = q["caption"]
+            if not self.load_images:
+                if self._bad[q["reference"]] or self._bad[q["target"]]:
+                    continue
+                return item
+            reference = self._decode(q["reference"])
+            target = self._decode(q["target"]) if reference is not None else None
+            if target is None:
+                continue
+            item["reference_img_data"], item["target_img_data"] = reference, target
+            return item
+        raise BadImageError(
+            f"{self.path}: {MAX_QUERY_ATTEMPTS} training triplets drawn for index "
+            f"{index} all touched unusable images"
+        )
+
+    @staticmethod
+    def collate_fn(items: list[dict]) -> dict:
+        batch = {
+            key: torch.tensor([it[key] for it in items])
+            for key in ("triplet", "reference", "target")
+        }
+        batch["caption"] = [it["caption"] for it in items]
+        for key in ("reference_img_data", "target_img_data"):
+            if key in items[0]:
+                batch[key] = torch.stack([it[key] for it in items])
+        return batch
+
+
+def _entry_error(where: str, message: str):
+    return DatasetFormatError(f"{where}: {message}")
+
+
+def _cirr_meta_dir(path: str) -> str:
+    nested = os.path.join(path, "cirr")
+    return nested if os.path.isdir(os.path.join(nested, "captions")) else path
+
+
+class CIRRDataset(_QueryImages):
+    """CIRR (Liu et al., ICCV 2021), release rc2, one split (train, val or test1).
+
+    ``imgs``: every image of ``image_splits/split.rc2.<split>.json`` in file order; ``queries``:
+    the triplets of ``captions/cap.rc2.<split>.json`` with ``pairid``, ``reference`` and
+    ``target`` (image indices; -1 in test1), ``caption`` and ``members`` (the img_set's images
+    other than the reference). Errors name the file and the entry.
+    """
+
+    LAYOUT = CIRR_LAYOUT
+    SPLITS = ("train", "val", "test1")
+
+    def __init__(
+        self, path, split="train", transform=None, *, on_bad_image="skip", load_images=True
+    ):
+        if split not in self.SPLITS:
+            raise ValueError(f"CIRR split must be one of {self.SPLITS}, got {split!r}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"CIRR data not found: {path} is not a folder. Expected layout:\n{self.LAYOUT}"
+            )
+        self.path, self.split, self.transform, self.seed = path, split, transform, 0
+        self.load_images = load_images
+        self.image_root = path
+        self.synthetic = os.path.isfile(os.path.join(path, SYNTHETIC_MARKER))
+        meta = _cirr_meta_dir(path)
+        split_file = os.path.join(meta, "image_splits", f"split.rc2.{split}.json")
+        names = _read_json(split_file, self.LAYOUT)
+        if not isinstance(names, dict):
+            raise DatasetFormatError(f"{split_file}: expected {{name: relative path}}")
+        self.imgs, self.index = [], {}
+        for name, rel in names.items():
+            where = f"{split_file}: entry {name!r}"
+            if not isinstance(rel, str):
+                raise _entry_error(where, f"expected a relative path, got {rel!r}")
+            self.index[name] = len(self.imgs)
+            self.imgs.append({"name": name, "file": _check_relative_path(rel, where)})
+        caption_file = os.path.join(meta, "captions", f"cap.rc2.{split}.json")
+        entries = _read_json(caption_file, self.LAYOUT)
+        if not isinstance(entries, list):
+            raise DatasetFormatError(f"{caption_file}: expected a list of triplets")
+        self.queries = [
+            self._triplet(e, f"{caption_file}: entry {k}", split_file)
+            for k, e in enumerate(entries)
+        ]
+        if not self.queries:
+            raise DatasetFormatError(f"{caption_file}: no triplets")
+        self._init_bad_images(on_bad_image, MAX_IMAGE_PIXELS)
+
+    def _image(self, name, where, what, split_file) -> int:
+        if not isinstance(name, str) or name not in self.index:
+            raise _entry_error(where, f"{what} {name!r} is not an image of {split_file}")
+        return self.index[name]
+
+    def _triplet(self, entry, where, split_file) -> dict:
+        if not isinstance(entry, dict):
+            raise _entry_error(where, f"expected a triplet object, got {str(entry)[:100]}")
+        if "pairid" in entry:
+            where = f"{where} (pairid {entry['pairid']})"
+        needed = ("pairid", "reference", "caption", "img_set")
+        needed += () if self.split == "test1" else ("target_hard",)
+        missing = [key for key in needed if key not in entry]
+        if missing:
+            raise _entry_error(where, f"missing {', '.join(missing)}")
+        if not isinstance(entry["caption"], str) or not isinstance(entry["pairid"], int):
+            raise _entry_error(where, "expected an integer pairid and a caption string")
+        if not entry["caption"].strip():
+            raise _entry_error(where, "empty caption")
+        members = entry["img_set"].get("members") if isinstance(entry["img_set"], dict) else None
+        if not isinstance(members, list):
+            raise _entry_error(where, "img_set.members must be a list of image names")
+        reference = self._image(entry["reference"], where, "the reference", split_file)
+        target = -1
+        if self.split != "test1":
+            target = self._image(entry["target_hard"], where, "target_hard", split_file)
+        member_ids = [self._image(m, where, "img_set member", split_file) for m in members]
+        return {
+            "pairid": entry["pairid"],
+            "reference": reference,
+            "target": target,
+            "caption": entry["caption"],
+            "members": list(dict.fromkeys(m for m in member_ids if m != reference)),
+        }
+
+
+class CIRCODataset(_QueryImages):
+    """CIRCO (Baldrati et al., ICCV 2023), evaluation only: the val or test annotations, the
+    gallery of COCO 2017 unlabeled images. ``queries``: ``id``, ``reference``, ``caption``
+    (the relative caption), ``target`` and ``gt`` (gallery indices of every ground truth; none
+    in test)."""
+
+    LAYOUT = CIRCO_LAYOUT
+    SPLITS = ("val", "test")
+
+    def __init__(self, path, split="val", transform=None, *, on_bad_image="skip"):
+        if split not in self.SPLITS:
+            raise ValueError(f"CIRCO split must be one of {self.SPLITS}, got {split!r}")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"CIRCO data not found: {path} is not a folder. Expected layout:\n{self.LAYOUT}"
+            )
+        self.path, self.split, self.transform, self.seed = path, split, transform, 0
+        self.image_root = os.path.join(path, "COCO2017_unlabeled", "unlabeled2017")
+        self.synthetic = os.path.isfile(os.path.join(path, SYNTHETIC_MARKER))
+        info_file = os.path.join(
+            path, "COCO2017_unlabeled", "annotations", "image_info_unlabeled2017.json"
+        )
+        info = _read_json(info_file, self.LAYOUT)
+        if not isinstance(info, dict) or not isinstance(info.get("images"), list):
+            raise DatasetFormatError(f"{info_file}: expected {{'images': [...]}}")
+        self.imgs, self.index = [], {}
+        for k, image in enumerate(info["images"]):
+            where = f"{info_file}: images[{k}]"
+            if not isinstance(image, dict) or not isinstance(image.get("id"), int):
+                raise _entry_error(where, "expected {'id': int, 'file_name': str}")
+            rel = _check_relative_path(str(image.get("file_name", "")), where)
+            self.index[image["id"]] = len(self.imgs)
+            self.imgs.append({"name": image["id"], "file": rel})
+        ann_file = os.path.join(path, "annotations", f"{split}.json")
+        entries = _read_json(ann_file, self.LAYOUT)
+        if not isinstance(entries, list) or not entries:
+            raise DatasetFormatError(f"{ann_file}: expected a list of queries")
+        self.queries = [self._query(e, f"{ann_file}: entry {k}") for k, e in enumerate(entries)]
+        self._init_bad_images(on_bad_image, MAX_IMAGE_PIXELS)
+
+    def _image(self, image_id, where, what) -> int:
+        if image_id not in self.index:
+            raise _entry_error(where, f"{what} {image_id!r} is not in the COCO unlabeled gallery")
+        return self.index[image_id]
+
+    def _query(self, entry, where) -> dict:
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise _entry_error(where, f"expected a query object with an id, got {str(entry)[:100]}")
+        where = f"{where} (id {entry['id']})"
+        for key in ("reference_img_id", "relative_caption"):
+            if key not in entry:
+                raise _entry_error(where, f"missing {key}")
+        if not isinstance(entry["relative_caption"], str) or not entry["relative_caption"].strip():
+            raise _entry_error(where, "relative_caption must be a non-empty string")
+        query = {
+            "id": entry["id"],
+            "reference": self._image(entry["reference_img_id"], where, "reference_img_id"),
+            "caption": str(entry["relative_caption"]),
+            "target": -1,
+            "gt": [],
+        }
+        if self.split == "val":
+            if "target_img_id" not in entry or not isinstance(entry.get("gt_img_ids"), list):
+                raise _entry_error(where, "val queries need target_img_id and gt_img_ids")
+            query["target"] = self._image(entry["target_img_id"], where, "target_img_id")
+            gt = [self._image(i, where, "gt_img_ids member") for i in entry["gt_img_ids"]]
+            query["gt"] = list(dict.fromkeys([query["target"], *gt]))
+        return query
+
+
+# ------------------------------------------------------------------ the synthetic CIRR stand-in
+
+
+def generate_cirr_synthetic(out_dir: str, seed: int = 0, size="small") -> str:
+    """Write a SYNTHETIC CIRR stand-in in the real rc2 layout and return ``out_dir``.
+
+    Scenes and edit texts come from the CSS generator (``css_generator.generate``): its train
+    split becomes CIRR's train, its test split is divided by source scene (alternately) into
+    val and test1.
+    Each triplet's img_set holds the reference, the target and up to four other targets of the
+    same source (CSS's near-identical siblings, like CIRR's subsets), filled to six members from
+    the split. Images are 64x64 PNGs drawn by ``css_generator.render_2d``.
+    """
+    css_dir = os.path.join(out_dir, "css")
+    if not os.path.isfile(os.path.join(css_dir, CSS_NPY)):
+        css_generator.generate(css_dir, seed=seed, size=size)
+    data = load_data_npy(os.path.join(css_dir, CSS_NPY))
+    os.makedirs(os.path.join(out_dir, "captions"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "image_splits"), exist_ok=True)
+    pairid = 0
+    for split, css_split, part in (
+        ("train", "train", None),
+        ("val", "test", 0),
+        ("test1", "test", 1),
+    ):
+        rng = random.Random(f"cirr-synthetic:{seed}:{split}")
+        scenes = data[css_split]["objects_img"]
+        pairs = [
+            (s, t, mod["to_str"])
+            for mod in data[css_split]["mods"]
+            for s, t in zip(mod["from"], mod["to"])
+        ]
+        if part is not None:  # every other source scene, in order
+            sources = {s: k % 2 for k, s in enumerate(sorted({p[0] for p in pairs}))}
+            pairs = [p for p in pairs if sources[p[0]] == part]
+        used = sorted({i for s, t, _ in pairs for i in (s, t)})
+        prefix = "dev" if split == "val" else split
+        names = {i: f"{prefix}-{i}-img0" for i in used}
+        files = {names[i]: f"./{prefix}/{i % 10}/{names[i]}.png" for i in used}
+        for i in used:
+            file = os.path.join(out_dir, files[names[i]])
+            if not os.path.isfile(file):
+                os.makedirs(os.path.dirname(file), exist_ok=True)
+                img = PIL.Image.fromarray(css_generator.render_2d(scenes[i], 64))
+                css_generator._write_atomic(file, lambda f, img=img: img.save(f, format="PNG"))
+        siblings: dict[int, list[int]] = {}
+        for s, t, _ in pairs:
+            siblings.setdefault(s, []).append(t)
+        triplets = []
+        for s, t, text in pairs:
+            others = [x for x in dict.fromkeys(siblings[s]) if x not in (s, t)]
+            rng.shuffle(others)
+            members = [s, t, *others[:4]]
+            while len(members) < 6 and len(members) < len(used):
+                extra = rng.choice(used)
+                if extra not in members:
+                    members.append(extra)
+            rng.shuffle(members)
+            entry = {
+                "pairid": pairid,
+                "reference": names[s],
+                "caption": text,
+                "img_set": {"id": s, "members": [names[m] for m in members]},
+            }
+            if split != "test1":
+                entry["target_hard"] = names[t]
+                entry["target_soft"] = {names[t]: 1.0}
+            triplets.append(entry)
+            pairid += 1
+        for folder, name, content in (
+            ("captions", "cap", triplets),
+            ("image_splits", "split", files),
+        ):
+            text = json.dumps(content, indent=1).encode()
+            file = os.path.join(out_dir, folder, f"{name}.rc2.{split}.json")
+            css_generator._write_atomic(file, lambda f, text=text: f.write(text))
+    meta = {
+        "synthetic": True,
+        "generator": "datasets.generate_cirr_synthetic",
+        "seed": seed,
+        "size": size,
+        "note": "SYNTHETIC stand-in in CIRR's layout, not CIRR",
+    }
+    text = json.dumps(meta, indent=2).encode()  # written last: marks a complete stand-in
+    css_generator._write_atomic(os.path.join(out_dir, SYNTHETIC_MARKER), lambda f: f.write(text))
+    return out_dir

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoints
+import clip4cir
 import datasets
 import distributed
 import esa
@@ -62,7 +63,14 @@ RunError = checkpoints.RunError
 TASKS = {
     **{name: hashing for name in hashing.DATASET_NAMES},
     **{name: esa for name in esa.DATASET_NAMES},
+    **{name: clip4cir for name in clip4cir.DATASET_NAMES},
 }
+
+
+def task_of(args):
+    """The task module of a run: by --dataset, or clip4cir for --model clip_sum/clip4cir on a
+    composed-retrieval dataset (css3d, fashioniq, ...); None for main's own composed retrieval."""
+    return TASKS.get(args.dataset) or (clip4cir if args.model in clip4cir.MODEL_NAMES else None)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -105,8 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dataset",
         default="css3d",
         choices=sorted([*datasets.DATASETS, *TASKS]),
-        help="composed image retrieval: css3d, mitstates, fashion200k, fashioniq; image-text "
-        "matching: f30k_precomp, coco_precomp; learning to hash: cub200, stanford_dogs, "
+        help="composed image retrieval: css3d, mitstates, fashion200k, fashioniq, cirr, circo; "
+        "image-text matching: f30k_precomp, coco_precomp; learning to hash: cub200, stanford_dogs, "
         "image_folder, hashing_synthetic",
     )
     g.add_argument(
@@ -162,7 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--model",
         default="tirg",
-        choices=sorted([*img_text_composition_models.MODELS, *esa.MODEL_NAMES, "hash"]),
+        choices=sorted(
+            [*img_text_composition_models.MODELS, *esa.MODEL_NAMES, *clip4cir.MODEL_NAMES, "hash"]
+        ),
         help="composition model (esa for image-text matching; hash, the default there, for "
         "learning to hash)",
     )
@@ -180,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument(
         "--loss",
         default="batch_based_classification",
-        choices=sorted([*LOSSES, *esa.LOSS_NAMES, "batch_all_triplet"]),
+        choices=sorted([*LOSSES, *esa.LOSS_NAMES, *clip4cir.LOSS_NAMES, "batch_all_triplet"]),
         help="L_CE over the batch or TIRG's soft triplet loss; esa: the self-expanding loss or "
         "VSE++'s; hashing: the batch-all triplet loss",
     )
@@ -217,6 +227,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ga.add_arguments(p, add_bool)
     hashing.add_arguments(p)
     esa.add_arguments(p)
+    clip4cir.add_arguments(p)
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seeds every random draw of the run")
     g.add_argument(
@@ -277,12 +288,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         if args.model_checkpoint:
             p.error("--ensemble names both checkpoints; leave out --model_checkpoint")
         args.model_checkpoint = args.ensemble[0]  # whose training settings label the result
+    for name, value in getattr(task_of(args), "DEFAULTS", {}).items():
+        if name not in given:  # before a checkpoint's settings, which take precedence
+            setattr(args, name, value)
     if args.test_only and args.model_checkpoint not in (None, UNTRAINED):
         checkpoints.adopt_training_settings(p, args, given)
-    task = TASKS.get(args.dataset)
-    for name, value in getattr(task, "DEFAULTS", {}).items():
-        if name not in given:
-            setattr(args, name, value)
+    task = task_of(args)
     if task is esa and "num_iters" not in given:
         args.num_iters = None  # --num_epochs of the training set: set once it is loaded
     if task is not None and (
@@ -330,14 +341,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--image_size must be >= 32 and --loader_num_workers >= 0")
     if args.category_to_train != "all" and args.dataset != "fashioniq":
         p.error("--category_to_train is a fashioniq option")
-    if task is hashing:
+    if task in (hashing, clip4cir):
         args.text_encoder = "none"
     elif args.text_encoder is None:
         args.text_encoder = "hf" if args.use_bert else "lstm"
     elif args.use_bert and args.text_encoder == "lstm":
         p.error("--use_bert asks for a BERT text encoder, but --text_encoder is lstm")
     args.use_bert = args.text_encoder not in ("lstm", "gru", "none")
-    photographs = (task is None and args.dataset != "css3d") or (
+    photographs = (args.dataset in datasets.DATASETS and args.dataset != "css3d") or (
         task is hashing and args.dataset_path
     )
     if not photographs:
@@ -429,8 +440,8 @@ def build_text_encoder(args, texts: list[str]) -> torch.nn.Module:
 def build_model(args, trainset, testset=None) -> torch.nn.Module:
     """The --model with the --text_encoder; a frozen text encoder is prefilled with the texts of
     ``trainset`` (and of ``testset`` when given, so evaluation encodes nothing new either)."""
-    if args.dataset in TASKS:
-        return TASKS[args.dataset].build_model(args, trainset)
+    if task_of(args) is not None:
+        return task_of(args).build_model(args, trainset)
     texts = list(trainset.get_all_texts())
     if testset is not None and args.text_encoder != "lstm":  # the LSTM vocabulary: train only
         texts += testset.get_all_texts()
@@ -451,8 +462,8 @@ def build_optimizer(args, model):
     """(optimizer, scheduler): SGD, momentum 0.9, the ResNet body at 0.1x the learning rate (as
     TIRG intended), x0.1 every ``--learning_rate_decay_frequency`` iterations; the other tasks
     bring their own. The scheduler is a LambdaLR that ``set_learning_rate`` reads."""
-    if args.dataset in TASKS:
-        return TASKS[args.dataset].build_optimizer(args, model)
+    if task_of(args) is not None:
+        return task_of(args).build_optimizer(args, model)
     backbone = model.backbone_parameters()
     backbone_ids = {id(p) for p in backbone}
     rest = [p for p in model.parameters() if id(p) not in backbone_ids]
@@ -614,8 +625,8 @@ def evaluate_all(model, trainset, testset, train_queries, args, device) -> dict:
     for m in models:
         m.eval()
     with torch.no_grad():
-        if args.dataset in TASKS:
-            result = TASKS[args.dataset].evaluate(model, trainset, testset, args, device)
+        if task_of(args) is not None:
+            result = task_of(args).evaluate(model, trainset, testset, args, device)
         else:
             result = test_retrieval.evaluate_composed(
                 model, trainset, testset, train_queries, device,
@@ -657,7 +668,7 @@ def train(
     """
     context = context or distributed.Context(device=device)
     module = distributed.unwrap(model)
-    forward = getattr(TASKS.get(args.dataset), "forward", cir_forward)
+    forward = getattr(task_of(args), "forward", cir_forward)
     run_dir = run.dir if run is not None else run_dir
     latest = os.path.join(run_dir, "latest.pt")
     if last_good is None and os.path.isfile(latest):
@@ -753,7 +764,7 @@ def unused_parameters(model, trainset, args, device) -> list[str]:
     the RNG are left alone), its autograd graph walked back from the outputs. L1/L2 reach every
     parameter.
     """
-    if args.l1_weight > 0 or args.l2_weight > 0 or args.dataset in TASKS:
+    if args.l1_weight > 0 or args.l2_weight > 0 or task_of(args) is not None:
         return []  # the other tasks' losses reach every parameter
     batch = datasets.collate_queries([trainset[0], trainset[1]])
     source = torch_function.normalize_images(batch["source_img_data"].to(device))
