@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -228,15 +229,16 @@ def bench_step(batch_size, regions, img_dim, vocab_size, steps, seed=0):
         torch.nn.utils.clip_grad_norm_(params, 2.0)
         esa_opt.step()
 
-    times = {}
-    for name, step in (("ours", our_step), ("esa", esa_step)):
+    variants = {"ours": our_step, "esa": esa_step}
+    samples = {name: [] for name in variants}
+    for step in variants.values():
         step()  # warm-up
-        samples = []
-        for _ in range(steps):
+    for _ in range(steps):  # interleaved, so the machine's drift hits both alike
+        for name, step in variants.items():
             t0 = time.perf_counter()
             step()
-            samples.append(time.perf_counter() - t0)
-        times[name] = sorted(samples)[len(samples) // 2]
+            samples[name].append(time.perf_counter() - t0)
+    times = {name: statistics.median(values) for name, values in samples.items()}
     return {
         "shape": f"batch {batch_size}, {regions} x {img_dim} regions, vocab {vocab_size}, "
         f"embed 1024, 2 views",
@@ -254,14 +256,13 @@ def main(argv=None):
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "note": "CPU shared with other jobs; run under nice",
     }
     if a.quick:
         result["eval"] = bench_eval(500, 256)
         result["train_step"] = bench_step(16, 36, 256, 1000, 2)
     else:
         result["eval"] = bench_eval(5000, 1024)
-        result["train_step"] = bench_step(128, 36, 2048, 10000, 3)
+        result["train_step"] = bench_step(128, 36, 2048, 10000, 8)
     print(json.dumps(result, indent=1))
     return result
 
