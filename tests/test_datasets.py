@@ -3,14 +3,13 @@
 import os
 import pickle
 import re
-import struct
 import warnings
-import zlib
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from test_real_datasets import huge_png_bytes  # a PNG header claiming a huge image
 
 import datasets
 
@@ -194,22 +193,6 @@ def test_training_sample_is_distinct_queries_without_replacement(css_dir):
     assert {query_key(ds.sample_query(i)) for i in range(400)} == every
 
 
-def png_header_claiming(width, height):
-    """A PNG whose IHDR claims width x height pixels; its pixel data is never decoded."""
-
-    def chunk(kind, data):
-        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.fixture
 def css_with_bad_pngs(css_dir):
     """The CSS fixture with 3D images (40x30 PNGs), three of each split broken: random bytes,
@@ -224,7 +207,7 @@ def css_with_bad_pngs(css_dir):
         names = [css_dir / "images" / f"css_{split}_{i:06d}.png" for i in (1, 2, 3)]
         names[0].write_bytes(np.random.default_rng(7).bytes(300))
         names[1].write_bytes(names[1].read_bytes()[:200])
-        names[2].write_bytes(png_header_claiming(20000, 20000))
+        names[2].write_bytes(huge_png_bytes(20000, 20000))
         bad[split] = {1: str(names[0]), 2: str(names[1]), 3: str(names[2])}
     return css_dir, bad
 
