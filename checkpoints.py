@@ -270,12 +270,12 @@ def run_dir_pattern(comment: str) -> re.Pattern:
     return re.compile(r"(\d{8}-\d{6})_" + re.escape(comment) + r"(?:\.(\d+))?")
 
 
-def find_resume_checkpoint(args) -> str | None:
+def find_resume_checkpoint(args, defaults: dict | None = None) -> str | None:
     """The checkpoint --resume names.
 
     'auto': latest.pt of the newest run folder of this --comment under --log_dir whose recorded
     arguments (its args.json) equal this command's, ``--resume`` and the spelling of paths
-    aside; None when there is none (a new run starts, and the note says why). An explicit folder
+    aside (and, given ``defaults``, a flag newer than the run at its default); None when there is none (a new run starts, and the note says why). An explicit folder
     (its latest.pt) or file may change arguments: the resumed run prints what changed.
     """
     if args.resume != "auto":
@@ -304,7 +304,7 @@ def find_resume_checkpoint(args) -> str | None:
                 candidates.append(((match.group(1), int(match.group(2) or 0)), checkpoint))
     reason = f"no run of --comment {args.comment} with a latest.pt under {args.log_dir}"
     for _, checkpoint in sorted(candidates, reverse=True):
-        differences = argument_differences(os.path.dirname(checkpoint), args)
+        differences = argument_differences(os.path.dirname(checkpoint), args, defaults)
         if not differences:
             holder = lock_run_folder(os.path.dirname(checkpoint))
             if not holder:
@@ -364,9 +364,12 @@ _NOT_COMPARED = ("resume", "world_size")
 _PATH_KEYS = ("dataset_path", "data_dir", "log_dir", "model_checkpoint", "word_vectors")
 
 
-def argument_differences(run_dir: str, args) -> list[str]:
+def argument_differences(run_dir: str, args, defaults: dict | None = None) -> list[str]:
     """'--key recorded -> now' for each argument of ``args`` that differs from the run's
-    args.json (paths compared as absolute paths); a run without a readable args.json differs."""
+    args.json (paths compared as absolute paths); a run without a readable args.json differs.
+
+    A key the args.json lacks is a flag added after the run was made; at its value in
+    ``defaults`` (the parsed defaults, which keep the older behaviour) it is no difference."""
     try:
         with open(os.path.join(run_dir, "args.json")) as f:
             recorded = json.load(f)
@@ -381,6 +384,8 @@ def argument_differences(run_dir: str, args) -> list[str]:
     differences = []
     for key, value in sorted(vars(args).items()):
         if key in _NOT_COMPARED or (key == "num_iters" and value is None):  # esa: from epochs
+            continue
+        if key not in recorded and key in (defaults or {}) and defaults[key] == value:
             continue
         if plain(key, recorded.get(key)) != plain(key, value):
             differences.append(f"--{key} {recorded.get(key)} -> {value}")

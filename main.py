@@ -878,7 +878,8 @@ def _run(args, context) -> dict | None:
     if args.resume:
 
         def read_resume_state():
-            path = checkpoints.find_resume_checkpoint(args)
+            defaults = vars(parse_args(["--dataset", args.dataset, "--model", args.model]))
+            path = checkpoints.find_resume_checkpoint(args, defaults)
             return path, (
                 checkpoints.load_checkpoint(path, args, checkpoints.RESUME_KEYS) if path else None
             )

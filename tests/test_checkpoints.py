@@ -279,6 +279,26 @@ def test_find_resume_checkpoint_auto_picks_the_newest_run_of_the_comment(tmp_pat
         find_resume_checkpoint(args)
 
 
+def test_resume_auto_continues_a_run_older_than_a_flag_at_its_default(tmp_path, capsys):
+    """A run made before a flag existed (its args.json lacks the key) is continued by
+    --resume auto while the flag stays at its default, and not once the flag is set."""
+    argv = ["--log_dir", str(tmp_path), "--comment", "exp", "--resume", "auto"]
+    args = main.parse_args(argv)
+    old = {k: v for k, v in vars(args).items() if k != "ga_iso_form"}
+    os.makedirs(tmp_path / "20240101-000000_exp")
+    (tmp_path / "20240101-000000_exp" / "args.json").write_text(json.dumps(old))
+    (tmp_path / "20240101-000000_exp" / "latest.pt").write_bytes(b"x")
+    defaults = vars(main.parse_args([]))
+    expected = str(tmp_path / "20240101-000000_exp" / "latest.pt")
+    assert find_resume_checkpoint(args, defaults) == expected
+    checkpoints.release_run_folders()
+    assert find_resume_checkpoint(args) is None  # without the defaults: a difference
+    assert "--ga_iso_form None -> paper" in capsys.readouterr().out
+    public = main.parse_args([*argv, "--ga_iso_form", "public"])
+    assert find_resume_checkpoint(public, defaults) is None
+    assert "--ga_iso_form None -> public" in capsys.readouterr().out
+
+
 def test_truncate_metrics_drops_later_and_torn_lines(tmp_path):
     lines = [json.dumps({"iteration": i, "split": "test"}) for i in (2, 4, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 8, "spl')
