@@ -605,7 +605,9 @@ def collect(runs: list[PlannedRun], opts) -> list[dict]:
             }
         entry = rows[label]
         if planned.status != "done":
-            entry["errors"].append(f"seed {planned.seed}: {planned.status}: {planned.error}")
+            why = {"new": "not run yet", "resume": f"unfinished ({planned.run_dir})"}
+            reason = why.get(planned.status) if not planned.error else planned.error
+            entry["errors"].append(f"seed {planned.seed}: {planned.status}: {reason}")
             continue
         line = _final_test_line(planned.run_dir, opts.num_iters)
         timing = {}
@@ -656,7 +658,7 @@ def markdown(results: list[dict], opts) -> str:
     base = results[0]["stats"]["seconds_per_iteration"][0] if results else None
     paper_base = results[0]["paper"].get("train_time_s_per_epoch") if results else None
     paired = any("Δ" + key in r["stats"] for r in results for key in PAIRED)
-    head = ["row", *ks, "avg (M_t)", "M_s", "WHM"]
+    head = ["row", "seeds", *ks, "avg (M_t)", "M_s", "WHM"]
     head += [f"Δ{key} vs row 1" for key in PAIRED] if paired else []
     head += ["s/100 it", "time ×row 1"]
     if has_paper:
@@ -669,6 +671,7 @@ def markdown(results: list[dict], opts) -> str:
         spi = s["seconds_per_iteration"]
         ratio = spi[0] / base if spi[0] is not None and base else None
         cells = [r["label"] + ("" if r["seeds"] else " (no finished run)")]
+        cells += [" ".join(str(seed["seed"]) for seed in r["seeds"]) or "—"]
         cells += [_cell(*s.get(k, (None, None))) for k in ks]
         cells += [_cell(*s["M_t"]), _cell(*s["M_s"]), _cell(*s["WHM"])]
         if paired:
@@ -707,7 +710,8 @@ def markdown(results: list[dict], opts) -> str:
     notes += lines
     notes += [
         "",
-        "Recall in percent, mean ± sample std over seeds, at the final evaluation; M_t is the "
+        "Recall in percent, mean ± sample std over the seeds of the row that finished, at the "
+        "final evaluation; M_t is the "
         "mean test recall (the paper's avg), M_s the mean recall on the fixed training sample, "
         "WHM at α 0.5. Δ: the paired difference with row 1, seed by seed (mean ± sample std). "
         "s/100 it: training time from TensorBoard's wall clock, evaluations "
@@ -853,6 +857,12 @@ def parse_args(argv=None):
     )
     p.add_argument("--out", default=os.path.join("runs", "reproduce"), help="output folder")
     p.add_argument("--dry_run", action="store_true", help="print the runs, run nothing")
+    p.add_argument(
+        "--report_only",
+        action="store_true",
+        help="tabulate the runs that have finished, run nothing (the table names the rest): for "
+        "a table whose runs span several sittings or machines",
+    )
     p.add_argument("--in_process", action="store_true", help="run main.main here, not a process")
     p.add_argument("--rows", type=int, nargs="+", default=None, help="only these rows (1-based)")
     p.add_argument(
@@ -901,7 +911,7 @@ def main(argv=None) -> list[dict] | None:
             print(f"      python main.py {' '.join(r.argv)}")
     if opts.dry_run:
         return None
-    todo = [r for r in runs if r.status in ("new", "resume")]
+    todo = [r for r in runs if r.status in ("new", "resume") and not opts.report_only]
     progress = tqdm(todo, desc="runs", unit="run", disable=not todo)
     try:
         for r in progress:
@@ -936,7 +946,7 @@ def main(argv=None) -> list[dict] | None:
     written = [stem + ".md", stem + ".json", stem + ".png", stem + "_scale_norms.png"]
     print(f"\nwritten: {', '.join(p for p in written if os.path.isfile(p))}")
     failed = [r for r in runs if r.status not in ("done", "unavailable")]
-    if failed:
+    if failed and not opts.report_only:
         print(f"{len(failed)} run(s) failed; their logs are named above", file=sys.stderr)
         raise SystemExit(1)
     return results

@@ -180,7 +180,7 @@ def test_runs_once_then_reuses_finished_runs(tmp_path, capsys):
     assert table.strip() in text
     line = next(t for t in table.splitlines() if t.startswith("| L_CE |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1:4] == [f"{final[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
+    assert cells[1:5] == ["0"] + [f"{final[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
     assert cells[-4:] == ["78.8", "94.9", "97.3", "90.3"]  # the paper's L_CE row
     assert "SYNTHETIC" in table
     assert (out / "ablation_css3d.png").stat().st_size > 5_000
@@ -254,6 +254,7 @@ def test_sweep_table_and_plot_from_collected_results(tmp_path):
     for i, row in enumerate(rows):  # per-seed numbers made up: the table and plot code is tested
         seeds = [{"M_t": 30.0 + i + s, "M_s": 50.0 + i, "WHM": 40.0 + i} for s in (0, 1)]
         stats = {key: reproduce._mean_std([s[key] for s in seeds]) for key in seeds[0]}
+        seeds = [dict(seed, seed=s) for s, seed in enumerate(seeds)]
         stats["R@1"] = (10.0 + i, None)
         stats["seconds_per_iteration"] = (0.5 * (1 + i), None)
         results.append(
@@ -265,7 +266,7 @@ def test_sweep_table_and_plot_from_collected_results(tmp_path):
     assert "paper" not in header  # no paper columns for sweeps
     line = next(t for t in text.splitlines() if t.startswith("| ga_iso_gamma = 0.01 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[1:3] == ["12.0", "32.5 ± 0.7"]  # R@1, then M_t: mean ± sample std of 32, 33
+    assert cells[1:4] == ["0 1", "12.0", "32.5 ± 0.7"]  # seeds, R@1, M_t: mean ± std of 32, 33
     assert cells[-2:] == ["150.0", "3.00"]  # s/100 it, and the time ratio to the first row
     path = reproduce.plot(results, opts, str(tmp_path / "sweep.png"))
     assert os.path.getsize(path) > 10_000
@@ -308,3 +309,12 @@ def test_iso_forms_rows_their_flags_paired_differences_and_scale_norm_plot(tmp_p
         std = math.sqrt(sum((d - mean) ** 2 for d in diffs))
         assert cells[f"Δ{key} vs row 1"] == f"{mean:.2f} ± {std:.2f}"
     assert (out / "iso_forms_css3d_scale_norms.png").stat().st_size > 10_000
+    assert cells["seeds"] == "0 1"
+
+    # --report_only with a third seed: the same numbers, seed 2 named as not run, nothing run
+    report = reproduce.main([*argv[:argv.index("--seeds")], "--seeds", "0", "1", "2",
+                             *argv[argv.index("--out"):], "--report_only"])  # fmt: skip
+    assert [r["stats"] for r in report] == [baseline["stats"], public["stats"]]
+    table = (out / "iso_forms_css3d.md").read_text()
+    assert table.count("seed 2: new: not run yet") == 2
+    assert not any(p.name == "seed2" for p in (out / "runs").glob("*/*"))
