@@ -275,8 +275,9 @@ def find_resume_checkpoint(args, defaults: dict | None = None) -> str | None:
 
     'auto': latest.pt of the newest run folder of this --comment under --log_dir whose recorded
     arguments (its args.json) equal this command's, ``--resume`` and the spelling of paths
-    aside (and, given ``defaults``, a flag newer than the run at its default); None when there is none (a new run starts, and the note says why). An explicit folder
-    (its latest.pt) or file may change arguments: the resumed run prints what changed.
+    aside (and, given ``defaults``, a flag newer than the run at its default); None when there
+    is none (a new run starts, and the note says why). An explicit folder (its latest.pt) or
+    file may change arguments: the resumed run prints what changed.
     """
     if args.resume != "auto":
         path = args.resume

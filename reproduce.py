@@ -789,9 +789,23 @@ def plot(results: list[dict], opts, path: str) -> str:
     return path
 
 
-def plot_scale_norms(results: list[dict], opts, path: str) -> str:
+def plot_scale_norms(results: list[dict], opts, path: str) -> str | None:
     """iso_forms: the TensorBoard curves train/bn_weight_norm and train/norm_scale of each row
-    (mean over its seeds), to see whether the public form's drift shrinks them."""
+    (mean over the seeds whose TensorBoard files are there), to see whether the public form's
+    drift shrinks them. None, and nothing written, when no run has its TensorBoard files (runs
+    kept as records only, as under results/)."""
+    tags = ("train/bn_weight_norm", "train/norm_scale")
+    curves = {}  # (label, tag) -> {step: [value per seed]}; label -> seeds with curves
+    seeds_with_curves = {}
+    for r in results:
+        for seed in r["seeds"]:
+            events = [e for e in _tb_events(seed["run_dir"]) if e[1] in tags]
+            if events:
+                seeds_with_curves.setdefault(r["label"], []).append(seed["seed"])
+            for _, tag, step, _, value in events:
+                curves.setdefault((r["label"], tag), {}).setdefault(step, []).append(value)
+    if not curves:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -799,15 +813,13 @@ def plot_scale_norms(results: list[dict], opts, path: str) -> str:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for r in results:
-        for ax, tag in zip(axes, ("train/bn_weight_norm", "train/norm_scale"), strict=True):
-            curves = {}
-            for seed in r["seeds"]:
-                for _, name, step, _, value in _tb_events(seed["run_dir"]):
-                    if name == tag:
-                        curves.setdefault(step, []).append(value)
-            if curves:
-                steps = sorted(curves)
-                ax.plot(steps, [sum(curves[t]) / len(curves[t]) for t in steps], label=r["label"])
+        seeds = ",".join(str(s) for s in seeds_with_curves.get(r["label"], []))
+        for ax, tag in zip(axes, tags, strict=True):
+            curve = curves.get((r["label"], tag))
+            if curve:
+                steps = sorted(curve)
+                means = [sum(curve[t]) / len(curve[t]) for t in steps]
+                ax.plot(steps, means, label=f"{r['label']} (seeds {seeds})")
     for ax, title in zip(axes, ("batch-norm weights, l2 norm", "normalization layer scale")):
         ax.set_title(f"{title} (mean over seeds)", fontsize=10)
         ax.set_xlabel("iteration")
@@ -940,7 +952,8 @@ def main(argv=None) -> list[dict] | None:
     if any(r["seeds"] for r in results):
         plot(results, opts, stem + ".png")
         if opts.table == "iso_forms":
-            plot_scale_norms(results, opts, stem + "_scale_norms.png")
+            if plot_scale_norms(results, opts, stem + "_scale_norms.png") is None:
+                print("no TensorBoard files in these runs: no _scale_norms.png")
     print()
     print(text)
     written = [stem + ".md", stem + ".json", stem + ".png", stem + "_scale_norms.png"]

@@ -318,3 +318,17 @@ def test_iso_forms_rows_their_flags_paired_differences_and_scale_norm_plot(tmp_p
     table = (out / "iso_forms_css3d.md").read_text()
     assert table.count("seed 2: new: not run yet") == 2
     assert not any(p.name == "seed2" for p in (out / "runs").glob("*/*"))
+
+    # the runs kept as records only (as under results/): the same table, no scale-norm plot
+    records = tmp_path / "records"
+    for path in (out / "runs").rglob("*"):
+        if path.name in ("args.json", "metrics.jsonl", "timing.json"):
+            target = records / "runs" / path.relative_to(out / "runs")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    assert not list(records.rglob("events.out.tfevents*"))
+    kept = reproduce.main([*argv[:argv.index("--out")], "--out", str(records),
+                           *argv[argv.index("--out") + 2:], "--report_only"])  # fmt: skip
+    assert [r["stats"] for r in kept] == [baseline["stats"], public["stats"]]
+    assert (records / "iso_forms_css3d.md").is_file()
+    assert not (records / "iso_forms_css3d_scale_norms.png").exists()
