@@ -229,7 +229,10 @@ def restore_model(model, state: dict, path: str) -> None:
 
 
 def restore_training(optimizer, scaler, state: dict, path: str) -> None:
-    """Put the optimizer's (and the GradScaler's) state back from a checkpoint."""
+    """Put the optimizer's (and the GradScaler's) state back from a checkpoint.
+
+    The optimizer's state follows the parameters by position: a buffer whose shape is not its
+    parameter's (a checkpoint of a model whose parameters came in another order) is refused."""
     try:
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and scaler.is_enabled() and state.get("scaler"):
@@ -238,6 +241,18 @@ def restore_training(optimizer, scaler, state: dict, path: str) -> None:
         raise RunError(
             f"{path}: its optimizer state does not fit this run: {str(e).splitlines()[0]}"
         ) from None
+    for group in optimizer.param_groups:
+        for index, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and key != "step" and value.shape != p.shape:
+                    raise RunError(
+                        f"{path}: its optimizer state does not fit this run: its {key} number "
+                        f"{index} has shape {tuple(value.shape)}, the parameter "
+                        f"{tuple(p.shape)}. The model's parameters came in another order when it "
+                        "was written (before 2026-12-03 the normalization layer came after the "
+                        "encoders): resume it with the code that wrote it, or start from its "
+                        "weights with --model_checkpoint"
+                    )
 
 
 def reopen_run(args, state: dict, checkpoint: str, world_size: int) -> None:

@@ -60,12 +60,15 @@ class ImgTextCompositionBase(torch.nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.text_dim = text_encoder.out_dim
+        # Registered in the TIRG and GA codes' order (the model's own `a` first, then the
+        # normalization layer, image, text, composer): named_parameters() gives the same order,
+        # which the public L_GA^I form counts by (--ga_iso_form public).
+        self.normalization_layer = NormalizationLayer(normalize_scale=4.0, learn_scale=True)
         img_model = resnet18_backbone(pretrained)
         img_model.avgpool = torch.nn.AdaptiveAvgPool2d((1, 1))
         img_model.fc = torch.nn.Sequential(torch.nn.Linear(512, embed_dim))
         self.img_model = img_model
         self.text_model = text_encoder
-        self.normalization_layer = NormalizationLayer(normalize_scale=4.0, learn_scale=True)
 
     def backbone_parameters(self) -> list[torch.nn.Parameter]:
         """ResNet parameters other than the final linear layer (trained at 0.1x lr, as TIRG)."""
@@ -292,16 +295,17 @@ class ComplexProjection(torch.nn.Module):
 
     def __init__(self, embed_dim: int, text_dim: int):
         super().__init__()
+        # text first, as the public code's module (its parameter order)
+        self.text_mlp = torch.nn.Sequential(
+            BatchNorm1dAnyBatch(text_dim),
+            torch.nn.Linear(text_dim, embed_dim),
+            torch.nn.ReLU(),
+            torch.nn.Linear(embed_dim, embed_dim),
+        )
         self.image_mlp = torch.nn.Sequential(
             BatchNorm1dAnyBatch(embed_dim),
             torch.nn.Linear(embed_dim, embed_dim),
             torch.nn.Dropout(p=0.5),
-            torch.nn.ReLU(),
-            torch.nn.Linear(embed_dim, embed_dim),
-        )
-        self.text_mlp = torch.nn.Sequential(
-            BatchNorm1dAnyBatch(text_dim),
-            torch.nn.Linear(text_dim, embed_dim),
             torch.nn.ReLU(),
             torch.nn.Linear(embed_dim, embed_dim),
         )
@@ -369,13 +373,15 @@ class ComposeAE(ImgTextCompositionBase):
         e, t = embed_dim, self.text_dim
         self.matching_loss = matching_loss
         self.a = torch.nn.Parameter(torch.tensor([1.0, 10.0, 1.0, 1.0]))
+        # the public code's order: its encoderLinear (projection, mapping), then encoderWithConv
+        # (projection, then its ConvMapping: mapping before conv)
         self.projection_linear = ComplexProjection(e, t)
-        self.projection_conv = ComplexProjection(e, t)
         self.mapping_linear = _mlp(2 * e, e, e)
+        self.projection_conv = ComplexProjection(e, t)
         conv_out = self.CONV_CHANNELS * self.CONV_POSITIONS
+        self.mapping_conv = _mlp(conv_out, e, e)
         self.conv = torch.nn.Conv1d(5, self.CONV_CHANNELS, kernel_size=3, padding=1)
         self.conv_pool = torch.nn.AdaptiveMaxPool1d(self.CONV_POSITIONS)
-        self.mapping_conv = _mlp(conv_out, e, e)
         self.image_decoder = _mlp(e, e, e)
         self.text_decoder = _mlp(e, t, t)
 

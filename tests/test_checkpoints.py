@@ -299,6 +299,27 @@ def test_resume_auto_continues_a_run_older_than_a_flag_at_its_default(tmp_path, 
     assert "--ga_iso_form None -> public" in capsys.readouterr().out
 
 
+def test_restore_training_refuses_optimizer_state_of_another_parameter_order():
+    """SGD's state follows parameters by position: a checkpoint written for another order (the
+    normalization layer's scale moved) is refused, naming the shapes, instead of running with
+    momentum buffers of the wrong tensors."""
+    scale, weight, bias = (torch.nn.Parameter(torch.ones(s)) for s in ((), (3, 2), (3,)))
+    writer = torch.optim.SGD([weight, bias, scale], lr=0.1, momentum=0.9)
+    (weight.sum() + bias.sum() + scale).backward()
+    writer.step()
+    state = {"optimizer": writer.state_dict()}
+
+    reader = torch.optim.SGD([scale, weight, bias], lr=0.1, momentum=0.9)
+    with pytest.raises(
+        checkpoints.RunError, match=r"number 0 has shape \(3, 2\), the parameter \(\)"
+    ):
+        checkpoints.restore_training(reader, None, state, "old.pt")
+
+    same = torch.optim.SGD([weight, bias, scale], lr=0.1, momentum=0.9)
+    checkpoints.restore_training(same, None, state, "same.pt")
+    torch.testing.assert_close(same.state[weight]["momentum_buffer"], torch.ones(3, 2))
+
+
 def test_truncate_metrics_drops_later_and_torn_lines(tmp_path):
     lines = [json.dumps({"iteration": i, "split": "test"}) for i in (2, 4, 6)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 8, "spl')

@@ -46,6 +46,36 @@ def shared_data_dir(tmp_path_factory):
     return path
 
 
+# The order of named_parameters() in the TIRG and GA codes' models (their modules' registration
+# order, the model's own parameter `a` first), in our names: the public L_GA^I form
+# (--ga_iso_form public) counts tensors by this order.
+PUBLIC_PARAMETER_ORDER = {
+    "tirg": ["a", "normalization_layer", "img_model", "text_model", "gated_feature_composer",
+             "res_info_composer"],
+    "tirg_lastconv": ["a", "normalization_layer", "img_model", "text_model", "mod2d",
+                      "mod2d_gate"],
+    "composeAE": ["a", "normalization_layer", "img_model", "text_model",
+                  "projection_linear.text_mlp", "projection_linear.image_mlp", "mapping_linear",
+                  "projection_conv.text_mlp", "projection_conv.image_mlp", "mapping_conv", "conv",
+                  "image_decoder", "text_decoder"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_PARAMETER_ORDER))
+def test_parameter_order_is_the_public_codes(name):
+    model = models.MODELS[name](lstm(16), embed_dim=32)
+    groups = PUBLIC_PARAMETER_ORDER[name]
+    order = []
+    for parameter_name, _ in model.named_parameters():
+        group = next(g for g in groups if parameter_name == g or parameter_name.startswith(g + "."))
+        if not order or order[-1] != group:
+            order.append(group)
+    assert order == groups
+    resnet = [n for n, _ in model.img_model.named_parameters()]
+    assert resnet[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert resnet[-2:] == ["fc.0.weight", "fc.0.bias"]
+
+
 @pytest.mark.parametrize("text_dim", TEXT_DIMS)
 @pytest.mark.parametrize("name", sorted(models.MODELS))
 def test_every_model_trains_at_every_text_dimension(name, text_dim):
