@@ -250,8 +250,8 @@ def restore_training(optimizer, scaler, state: dict, path: str) -> None:
                         f"{index} has shape {tuple(value.shape)}, the parameter "
                         f"{tuple(p.shape)}. The model's parameters came in another order when it "
                         "was written (before 2026-12-03 the normalization layer came after the "
-                        "encoders): resume it with the code that wrote it, or start from its "
-                        "weights with --model_checkpoint"
+                        "encoders): resume it with the code that wrote it; --test_only "
+                        "--model_checkpoint still evaluates it"
                     )
 
 
