@@ -813,13 +813,14 @@ def plot_scale_norms(results: list[dict], opts, path: str) -> str | None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for r in results:
-        seeds = ",".join(str(s) for s in seeds_with_curves.get(r["label"], []))
+        seeds = seeds_with_curves.get(r["label"], [])
+        seeds = f"seed{'s' if len(seeds) > 1 else ''} {','.join(str(s) for s in seeds)}"
         for ax, tag in zip(axes, tags, strict=True):
             curve = curves.get((r["label"], tag))
             if curve:
                 steps = sorted(curve)
                 means = [sum(curve[t]) / len(curve[t]) for t in steps]
-                ax.plot(steps, means, label=f"{r['label']} (seeds {seeds})")
+                ax.plot(steps, means, label=f"{r['label']} ({seeds})")
     for ax, title in zip(axes, ("batch-norm weights, l2 norm", "normalization layer scale")):
         ax.set_title(f"{title} (mean over seeds)", fontsize=10)
         ax.set_xlabel("iteration")
