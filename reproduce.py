@@ -715,8 +715,8 @@ def markdown(results: list[dict], opts) -> str:
         "mean test recall (the paper's avg), M_s the mean recall on the fixed training sample, "
         "WHM at α 0.5. Δ: the paired difference with row 1, seed by seed (mean ± sample std). "
         "s/100 it: training time from TensorBoard's wall clock, evaluations "
-        f"excluded (machine-dependent: compare ratios). Paper numbers: {whm_lib.PAPER_RESULTS_CSV}"
-        f" (GA paper, Huang et al., IEEE TMM 2022).",
+        "excluded (machine-dependent: compare ratios). Paper numbers: paper_results.csv"
+        " (GA paper, Huang et al., IEEE TMM 2022).",
         "",
         "Rows (every run also gets --seed, --log_dir and --comment):",
     ]
