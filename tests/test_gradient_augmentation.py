@@ -559,7 +559,9 @@ def test_ga_and_fgsm_step_under_bf16_autocast(input_kind):
     args = ga_args("--ga", "--ga_adv_eps", "1e-3", "--ga_adv_input", input_kind,
                    "--precision", "bf16", "--fgsm_eps", "0.01")  # fmt: skip
     optimizer = main.build_optimizer(args, model)[0]
-    values = main.train_step(model, optimizer, make_batch(size=16), args, torch.device("cpu"), 0)
+    # 32 px: at 16 px ResNet's layer4 gets a 1 x 1 map, where oneDNN's bf16 weight gradient of
+    # its stride-2 3 x 3 conv returns non-finite garbage on AMX CPUs (torch 2.14, upstream).
+    values = main.train_step(model, optimizer, make_batch(size=32), args, torch.device("cpu"), 0)
     assert all(torch.isfinite(v) for v in values.values()), values
     assert values["ga_adv"] > 0 and values["fgsm"] > 0
 
