@@ -795,8 +795,8 @@ def plot_scale_norms(results: list[dict], opts, path: str) -> str | None:
     drift shrinks them. None, and nothing written, when no run has its TensorBoard files (runs
     kept as records only, as under results/)."""
     tags = ("train/bn_weight_norm", "train/norm_scale")
-    curves = {}  # (label, tag) -> {step: [value per seed]}; label -> seeds with curves
-    seeds_with_curves = {}
+    curves = {}  # (label, tag) -> {step: [value per seed]}
+    seeds_with_curves = {}  # label -> the seeds that have curves
     for r in results:
         for seed in r["seeds"]:
             events = [e for e in _tb_events(seed["run_dir"]) if e[1] in tags]

@@ -326,7 +326,6 @@ def test_iso_forms_rows_their_flags_paired_differences_and_scale_norm_plot(tmp_p
             target = records / "runs" / path.relative_to(out / "runs")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
-    assert not list(records.rglob("events.out.tfevents*"))
     kept = reproduce.main([*argv[:argv.index("--out")], "--out", str(records),
                            *argv[argv.index("--out") + 2:], "--report_only"])  # fmt: skip
     assert [r["stats"] for r in kept] == [baseline["stats"], public["stats"]]
