@@ -35,9 +35,11 @@ SYNTHETIC_MARKER = "SYNTHETIC.json"
 
 def progress(iterable=None, **kwargs) -> tqdm:
     """A tqdm bar. In a log file (stderr is not a terminal: nohup, a batch job) it is redrawn at
-    most every 30 s, so that the log shows progress without a line per batch."""
+    most every 30 s, so that the log shows progress without a line per batch, and a bar opened
+    inside another (an evaluation during training) writes no cursor-up escapes."""
     if not (kwargs.get("file") or sys.stderr).isatty():
         kwargs.setdefault("mininterval", 30.0)
+        kwargs.setdefault("position", 0)
         kwargs["maxinterval"] = max(kwargs["mininterval"], kwargs.get("maxinterval", 10.0))
     return tqdm(iterable, **kwargs)
 

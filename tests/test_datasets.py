@@ -266,3 +266,14 @@ def test_progress_bars_in_a_log_file_are_redrawn_rarely():
             time.sleep(0.02)  # 0.8 s in all
         redraws[name] = file.getvalue().count("\r")
     assert redraws["log"] <= 3 < redraws["terminal"], redraws
+
+
+def test_nested_progress_bars_in_a_log_file_write_no_cursor_movement():
+    import io
+
+    log = io.StringIO()
+    for _ in datasets.progress(range(2), file=log, desc="train"):
+        for _ in datasets.progress(range(3), file=log, desc="eval"):
+            pass
+    assert "eval: 100%" in log.getvalue() and "train: 100%" in log.getvalue()
+    assert "\x1b[" not in log.getvalue()
