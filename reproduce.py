@@ -60,6 +60,7 @@ import io
 import json
 import math
 import os
+import platform
 import struct
 import subprocess
 import sys
@@ -506,6 +507,22 @@ def training_seconds_per_iteration(run_dir: str) -> float | None:
     return seconds / iterations if iterations else None
 
 
+def machine_description() -> str:
+    """The CPU model and core count (and the GPU, if one is visible) that ran a segment: runs
+    are not bit-identical across CPU models, and their times are not comparable."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    text = f"{cpu}, {os.cpu_count()} cores"
+    import torch
+
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
 def record_timing(run_dir: str, wall_seconds: float, start_iteration: int, num_iters: int):
     """Add this process's wall time to ``timing.json`` and refresh the training time."""
     path = os.path.join(run_dir, TIMING_JSON)
@@ -514,7 +531,12 @@ def record_timing(run_dir: str, wall_seconds: float, start_iteration: int, num_i
         with open(path) as f:
             timing = json.load(f)
     timing["segments"].append(
-        {"wall_seconds": wall_seconds, "start_iteration": start_iteration, "end": num_iters}
+        {
+            "wall_seconds": wall_seconds,
+            "start_iteration": start_iteration,
+            "end": num_iters,
+            "machine": machine_description(),
+        }
     )
     timing["wall_seconds"] = sum(s["wall_seconds"] for s in timing["segments"])
     per_iteration = training_seconds_per_iteration(run_dir)

@@ -176,6 +176,8 @@ def test_runs_once_then_reuses_finished_runs(tmp_path, capsys):
     with open(os.path.join(run_dir, reproduce.TIMING_JSON)) as f:
         timing = json.load(f)
     assert timing["source"].startswith("TensorBoard") and timing["seconds_per_iteration"] > 0
+    (segment,) = timing["segments"]
+    assert f", {os.cpu_count()} cores" in segment["machine"]
     table = (out / "ablation_css3d.md").read_text()
     assert table.strip() in text
     line = next(t for t in table.splitlines() if t.startswith("| L_CE |"))
