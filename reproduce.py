@@ -647,6 +647,10 @@ def collect(runs: list[PlannedRun], opts) -> list[dict]:
                 "WHM": line["WHM"],
                 "synthetic": bool(line.get("synthetic")),
                 "seconds_per_iteration": timing.get("seconds_per_iteration"),
+                "machines": sorted(
+                    {seg.get("machine", "not recorded") for seg in timing.get("segments", [])}
+                    or {"not recorded"}
+                ),
             }
         )
     out = []
@@ -740,10 +744,26 @@ def markdown(results: list[dict], opts) -> str:
         "excluded (machine-dependent: compare ratios). Paper numbers: paper_results.csv"
         " (GA paper, Huang et al., IEEE TMM 2022).",
         "",
-        "Rows (every run also gets --seed, --log_dir and --comment):",
     ]
+    machines = {m for r in results for seed in r["seeds"] for m in seed["machines"]}
+    if len(machines) > 1:
+        notes += [
+            "**These runs did not all record the same machine (timing.json; 'not recorded' "
+            "marks runs older than that field, which may have run anywhere): times, and recall "
+            "too since runs are not bit-identical across CPU models, compare machines as well "
+            "as rows.**",
+            "",
+        ]
+    notes.append("Rows (every run also gets --seed, --log_dir and --comment):")
     for r in results:
         notes.append(f"- {r['label']}: `python main.py {' '.join(r['argv'])}`")
+        if len(machines) > 1:
+            by_machine = {}
+            for seed in r["seeds"]:
+                by_machine.setdefault(" + ".join(seed["machines"]), []).append(str(seed["seed"]))
+            notes += [
+                f"  - seed{'s' * (len(s) > 1)} {' '.join(s)}: {m}" for m, s in by_machine.items()
+            ]
         notes += [f"  - {e}" for e in r["errors"]]
     return "\n".join(notes)
 

@@ -184,7 +184,7 @@ def test_runs_once_then_reuses_finished_runs(tmp_path, capsys):
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[1:5] == ["0"] + [f"{final[k]:.1f}" for k in ("R@1", "R@5", "R@10")]
     assert cells[-4:] == ["78.8", "94.9", "97.3", "90.3"]  # the paper's L_CE row
-    assert "SYNTHETIC" in table
+    assert "SYNTHETIC" in table and "machines as well as rows" not in table  # one machine
     assert (out / "ablation_css3d.png").stat().st_size > 5_000
 
     # again: nothing runs, the same folder is read
@@ -256,7 +256,7 @@ def test_sweep_table_and_plot_from_collected_results(tmp_path):
     for i, row in enumerate(rows):  # per-seed numbers made up: the table and plot code is tested
         seeds = [{"M_t": 30.0 + i + s, "M_s": 50.0 + i, "WHM": 40.0 + i} for s in (0, 1)]
         stats = {key: reproduce._mean_std([s[key] for s in seeds]) for key in seeds[0]}
-        seeds = [dict(seed, seed=s) for s, seed in enumerate(seeds)]
+        seeds = [dict(seed, seed=s, machines=["CPU X"]) for s, seed in enumerate(seeds)]
         stats["R@1"] = (10.0 + i, None)
         stats["seconds_per_iteration"] = (0.5 * (1 + i), None)
         results.append(
@@ -328,8 +328,18 @@ def test_iso_forms_rows_their_flags_paired_differences_and_scale_norm_plot(tmp_p
             target = records / "runs" / path.relative_to(out / "runs")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(path.read_bytes())
+    # seed 1 of the public form as if recorded before timing.json named the machine
+    (old,) = (records / "runs").glob(f"*public*/seed1/*/{reproduce.TIMING_JSON}")
+    timing = json.loads(old.read_text())
+    del timing["segments"][0]["machine"]
+    old.write_text(json.dumps(timing))
     kept = reproduce.main([*argv[:argv.index("--out")], "--out", str(records),
                            *argv[argv.index("--out") + 2:], "--report_only"])  # fmt: skip
     assert [r["stats"] for r in kept] == [baseline["stats"], public["stats"]]
-    assert (records / "iso_forms_css3d.md").is_file()
+    table = (records / "iso_forms_css3d.md").read_text()
+    assert "**These runs did not all record the same machine" in table
+    machine = reproduce.machine_description()
+    rows = table.split("Rows (every run")[1]
+    assert rows.count(f"  - seeds 0 1: {machine}") == 1  # the baseline
+    assert f"  - seed 0: {machine}\n  - seed 1: not recorded" in rows  # the public form
     assert not (records / "iso_forms_css3d_scale_norms.png").exists()
