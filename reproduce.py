@@ -813,7 +813,7 @@ def plot(results: list[dict], opts, path: str) -> str:
             ax.bar([x + 0.2 for x in xs], paper, width=0.4, label="paper: avg", alpha=0.7)
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["label"] for r in results], rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, 118)  # room for the legend above 100%
+    ax.set_ylim(0, 118)  # room for the legend above 100%
     synthetic = " (SYNTHETIC CSS: not comparable)" if any(r["synthetic"] for r in results) else ""
     protocol = opts.protocol_label
     changed = " (changed)" if protocol["changed"] else ""
